@@ -1,0 +1,24 @@
+// One schema per op in the `pykernels` namespace; arguments the op writes are marked Tensor!.
+// The fake (meta) implementations live beside the Python wrappers (pykernels/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(pykernels, m) {
+  m.def("silu_and_mul(Tensor! out, Tensor input) -> ()");
+  m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+}
+
+// Lets `import pykernels._C` load the prebuilt library (the ops register at load time).
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,78 @@
+"""Backend dispatch shared by every op family: "auto" | "cuda" | "triton" | "torch" | ...
+
+A family names its backends (name -> module path) and its `auto` order, fastest first as measured
+on the GPU. Modules are imported on first use; one that fails to import is unavailable, with the
+reason kept for the error message. Resolution is cached per (backend, device type) so the call path
+after the first call is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from pykernels import envs
+from pykernels._ops import BackendUnavailable
+
+# Backends that run only on CUDA tensors (triton too, unless TRITON_INTERPRET=1).
+_CUDA_ONLY = {"cuda", "fi", "fa"}
+
+
+@dataclass
+class Family:
+    name: str
+    modules: dict[str, str]
+    auto_order: tuple[str, ...]
+    _resolved: dict[tuple[str, str], ModuleType] = field(default_factory=dict)
+    _errors: dict[str, str] = field(default_factory=dict)
+
+    def get(self, backend: str, device: torch.device) -> ModuleType:
+        mod = self._resolved.get((backend, device.type))
+        if mod is None:
+            mod = self._resolve(backend, device)
+            self._resolved[(backend, device.type)] = mod
+        return mod
+
+    def available(self) -> dict[str, str | None]:
+        """Every backend with None when it imports, else the reason it cannot run."""
+        out = {}
+        for name in self.modules:
+            try:
+                self._import(name)
+                out[name] = None
+            except BackendUnavailable as err:
+                out[name] = str(err)
+        return out
+
+    def _resolve(self, backend: str, device: torch.device) -> ModuleType:
+        if backend == "auto":
+            if device.type != "cuda":
+                return self._import("torch")
+            for name in self.auto_order:
+                try:
+                    return self._import(name)
+                except BackendUnavailable:
+                    continue
+            return self._import("torch")
+        if backend not in self.modules:
+            choices = ", ".join(repr(b) for b in ("auto", *self.modules))
+            raise ValueError(f"{self.name}: backend must be one of {choices}, got {backend!r}")
+        on_cpu_ok = backend == "torch" or (backend == "triton" and envs.TRITON_INTERPRET)
+        if device.type != "cuda" and not on_cpu_ok:
+            hint = " (or set TRITON_INTERPRET=1)" if backend == "triton" else ""
+            raise ValueError(
+                f"{self.name}: backend {backend!r} needs CUDA tensors{hint}, got device {device}"
+            )
+        return self._import(backend)
+
+    def _import(self, backend: str) -> ModuleType:
+        if backend in self._errors:
+            raise BackendUnavailable(self._errors[backend])
+        try:
+            return importlib.import_module(self.modules[backend])
+        except (ImportError, BackendUnavailable) as err:
+            self._errors[backend] = f"{self.name}: backend {backend!r} is unavailable: {err}"
+            raise BackendUnavailable(self._errors[backend]) from err
