@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autotune import Tunable
+
 
 @triton.jit
 def _silu_and_mul_kernel(out_ptr, in_ptr, d, in_stride, out_stride, BLOCK: tl.constexpr):
@@ -25,12 +27,17 @@ def default_config(d: int) -> dict:
     return {"BLOCK": min(triton.next_power_of_2(max(d, 1)), 1024), "num_warps": 4}
 
 
+# Tuned by `python -m autotune.activation`; config=None launches look their config up here.
+SILU_AND_MUL = Tunable("silu_and_mul", family="activation", key=("d", "dtype"), bucket="tokens",
+                       default=lambda d, **_: default_config(d), sources=(__file__,))
+
+
 def silu_and_mul(out: torch.Tensor, x: torch.Tensor, config: dict | None = None) -> None:
     """out [rows, d], x [rows, 2d], both with a contiguous last dimension."""
     rows, d = out.shape
     if rows == 0 or d == 0:
         return
-    cfg = config or default_config(d)
+    cfg = config or SILU_AND_MUL.lookup(tokens=rows, d=d, dtype=out.dtype)
     grid = (rows, triton.cdiv(d, cfg["BLOCK"]))
     _silu_and_mul_kernel[grid](
         out, x, d, x.stride(0), out.stride(0), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autotune import Tunable
+
 
 @triton.jit
 def _rms_norm_kernel(out_ptr, in_ptr, w_ptr, hidden, in_stride, out_stride, eps,
@@ -88,11 +90,22 @@ def default_config(hidden: int) -> dict:
     return {"BLOCK": block, "num_warps": warps}
 
 
-def _launch(kernel, a, b, weight, eps, config):
+def _default(hidden, **_):
+    return default_config(hidden)
+
+
+# Tuned by `python -m autotune.norm`; config=None launches look their config up here.
+RMS_NORM = Tunable("rms_norm", family="norm", key=("hidden", "dtype"), bucket="tokens",
+                   default=_default, sources=(__file__,))
+FUSED_ADD_RMS_NORM = Tunable("fused_add_rms_norm", family="norm", key=("hidden", "dtype"),
+                             bucket="tokens", default=_default, sources=(__file__,))
+
+
+def _launch(kernel, tunable, a, b, weight, eps, config):
     rows, hidden = a.shape
     if rows == 0:
         return
-    cfg = config or default_config(hidden)
+    cfg = config or tunable.lookup(tokens=rows, hidden=hidden, dtype=a.dtype)
     kernel[(rows,)](
         a, b, weight, hidden, a.stride(0), b.stride(0), eps,
         BLOCK=cfg["BLOCK"], ONE_PASS=cfg["BLOCK"] >= hidden, num_warps=cfg["num_warps"],
@@ -102,10 +115,10 @@ def _launch(kernel, a, b, weight, eps, config):
 def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
              config: dict | None = None) -> None:
     """out, x: [rows, hidden] with a contiguous last dimension; weight [hidden]."""
-    _launch(_rms_norm_kernel, out, x, weight, eps, config)
+    _launch(_rms_norm_kernel, RMS_NORM, out, x, weight, eps, config)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float, config: dict | None = None) -> None:
     """In place: residual <- x + residual; x <- rms_norm(residual) * weight."""
-    _launch(_fused_add_rms_norm_kernel, x, residual, weight, eps, config)
+    _launch(_fused_add_rms_norm_kernel, FUSED_ADD_RMS_NORM, x, residual, weight, eps, config)

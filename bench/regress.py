@@ -1,0 +1,148 @@
+"""The perf-regression check behind ``python -m bench.dashboard --check``.
+
+A series is one ``SERIES_KEY`` of bench/results.py (device, source, kernel, provider, shape, dtype,
+metric), so an H100 series is never compared with an H200 one. For each series the newest run is
+compared with its baseline run (the previous one by default, the first one, or the run at a git
+sha / run id). Only primary metrics are checked: ``time`` (lower is better) and ``throughput``
+(higher is better); TB/s and TFLOP/s are derived from the time and would only repeat it.
+
+A series regresses when it got worse by more than the threshold: 7% by default, widened to the
+series' own p20-p80 spread (relative to its median) in either run when that is larger, so a
+noisy series needs a larger move before it fails CI.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bench.results import SERIES_KEY
+
+DEFAULT_THRESHOLD = 0.07
+LOWER_IS_BETTER = {"time": True, "throughput": False}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One series' newest run against its baseline."""
+
+    series: str
+    unit: str
+    base: float
+    new: float
+    base_run: str
+    new_run: str
+    change: float  # fractional loss: +0.12 = 12% worse, negative = better
+    threshold: float
+
+    @property
+    def regressed(self) -> bool:
+        return self.change > self.threshold
+
+    def line(self) -> str:
+        return (f"{self.series}: {self.base:.4g} -> {self.new:.4g} {self.unit} "
+                f"({self.change:+.1%} worse, threshold {self.threshold:.1%}; "
+                f"{self.base_run} -> {self.new_run})")
+
+
+@dataclass
+class CheckReport:
+    verdicts: list[Verdict] = field(default_factory=list)
+    single_run: int = 0  # series with nothing to compare yet
+    no_baseline: int = 0  # series without a run matching --baseline
+    devices: list[str] = field(default_factory=list)
+    baseline: str = "previous"
+
+    @property
+    def regressions(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.regressed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions
+
+    def summary(self) -> str:
+        if not self.devices:
+            return "check passed: no results to check"
+        head = (f"devices: {', '.join(self.devices)}; {len(self.verdicts)} series compared with "
+                f"the {self.baseline} run, {self.single_run} with a single run"
+                + (f", {self.no_baseline} without a {self.baseline!r} run" if self.no_baseline
+                   else ""))
+        if not self.verdicts:
+            return f"check passed: nothing to compare yet ({head})"
+        if self.passed:
+            better = sum(v.change < 0 for v in self.verdicts)
+            return f"check passed: no regression ({head}; {better} got faster)"
+        lines = [f"check FAILED: {len(self.regressions)} regressed series ({head})"]
+        return "\n".join(lines + ["  REGRESSED " + v.line() for v in self.regressions])
+
+
+def series_name(key: tuple) -> str:
+    return " | ".join(str(k) for k in key)
+
+
+def _spread(row) -> float:
+    """(p80 - p20) / median of one run, 0 when unknown."""
+    try:
+        s = (float(row["p80"]) - float(row["p20"])) / float(row["value"])
+    except (TypeError, ValueError, ZeroDivisionError):
+        return 0.0
+    return abs(s) if math.isfinite(s) else 0.0
+
+
+def per_run(df):
+    """One row per (series, run): the median of duplicates within a run, runs in time order."""
+    cols = SERIES_KEY + ["run_id"]
+    agg = {"value": "median", "p20": "median", "p80": "median", "timestamp": "max",
+           "git_sha": "first", "unit": "first"}
+    out = df.groupby(cols, dropna=False, sort=False).agg(agg).reset_index()
+    return out.sort_values(["timestamp", "run_id"], kind="stable")
+
+
+def pick_baseline(runs, spec: str):
+    """The baseline row among runs (time-ordered, newest last), or None."""
+    older = runs.iloc[:-1]
+    if older.empty:
+        return None
+    if spec == "previous":
+        return older.iloc[-1]
+    if spec == "first":
+        return older.iloc[0]
+    match = older[(older["run_id"] == spec) | older["git_sha"].astype(str).str.startswith(spec)]
+    return match.iloc[-1] if len(match) else None
+
+
+def compare(key: tuple, base, new, threshold: float) -> Verdict:
+    lower = LOWER_IS_BETTER[key[SERIES_KEY.index("metric")]]
+    b, n = float(base["value"]), float(new["value"])
+    change = (n / b - 1.0) if lower else (b / n - 1.0)
+    thr = max(threshold, _spread(base), _spread(new))
+    return Verdict(series_name(key), str(new["unit"]), b, n, str(base["run_id"]),
+                   str(new["run_id"]), change, thr)
+
+
+def check(df, baseline: str = "previous", threshold: float = DEFAULT_THRESHOLD) -> CheckReport:
+    """Compare the newest run of every primary-metric series with its baseline.
+
+    Parameters
+    ----------
+    df : DataFrame of results rows (bench.results.read_results).
+    baseline : "previous" (default), "first", or a run id / git sha prefix.
+    threshold : fractional loss allowed before a series counts as regressed (0.07 = 7%).
+    """
+    report = CheckReport(baseline=baseline)
+    if df is None or df.empty:
+        return report
+    df = df[df["metric"].isin(list(LOWER_IS_BETTER))]
+    df = df[df["value"].astype(float) > 0]
+    report.devices = sorted(df["device_slug"].astype(str).unique())
+    for key, runs in per_run(df).groupby(SERIES_KEY, dropna=False, sort=True):
+        if len(runs) < 2:
+            report.single_run += 1
+            continue
+        base = pick_baseline(runs, baseline)
+        if base is None:
+            report.no_baseline += 1
+            continue
+        report.verdicts.append(compare(key, base, runs.iloc[-1], threshold))
+    return report

@@ -1,0 +1,99 @@
+"""The regression check: planted regressions fail and are named, noise passes, devices never mix."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import dashboard, regress, results
+from tests.bench.bench_fakes import H100, H200, grid, write_fake_run
+
+
+def _check(root, **kw) -> regress.CheckReport:
+    return regress.check(results.read_results(root), **kw)
+
+
+def test_planted_ten_percent_regression_fails_and_is_named(root):
+    write_fake_run(root, 1, grid())
+    write_fake_run(root, 2, grid(cuda_4096=1.10))
+    report = _check(root)
+    assert not report.passed
+    names = [v.series for v in report.regressions]
+    assert len(names) == 2  # rms_norm and fused_add_rms_norm, cuda at 4096 tokens
+    assert all("nvidia-h200" in n and "| cuda |" in n and "tokens=4096" in n for n in names)
+    assert all("| time" in n for n in names)  # bandwidth repeats the time: not checked twice
+    text = report.summary()
+    assert "FAILED" in text and "rms_norm | cuda | tokens=4096 hidden=4096" in text
+    assert "+10.0% worse" in text
+
+
+def test_three_percent_noise_passes(root):
+    write_fake_run(root, 1, grid())
+    write_fake_run(root, 2, grid(scale=1.03, fi_1=0.97))
+    report = _check(root)
+    assert report.passed and len(report.verdicts) == len(grid())
+    assert "check passed: no regression" in report.summary()
+
+
+def test_threshold_widens_with_the_series_spread(root):
+    # A series whose own p20-p80 band spans 20% does not fail on a 10% move ...
+    write_fake_run(root, 1, grid(), spread=0.20)
+    write_fake_run(root, 2, grid(cuda_4096=1.10), spread=0.20)
+    assert _check(root).passed
+    # ... but does fail on a 25% one.
+    write_fake_run(root, 3, grid(cuda_4096=1.10 * 1.25), spread=0.20)
+    assert not _check(root).passed
+
+
+def test_devices_are_never_mixed(root):
+    write_fake_run(root, 1, grid(), device=H200)
+    write_fake_run(root, 2, grid(scale=1.5), device=H100)  # slower GPU, newer run: no regression
+    report = _check(root)
+    assert report.passed and not report.verdicts and report.single_run == 2 * len(grid())
+    write_fake_run(root, 3, grid(scale=1.5 * 1.2), device=H100)
+    report = _check(root)
+    assert {v.series.split(" | ")[0] for v in report.verdicts} == {"nvidia-h100-80gb-hbm3"}
+    assert len(report.regressions) == len(grid())
+
+
+def test_single_run_and_no_results_pass(root):
+    assert _check(root).passed
+    assert _check(root).summary() == "check passed: no results to check"
+    write_fake_run(root, 1, grid())
+    report = _check(root)
+    assert report.passed and "nothing to compare yet" in report.summary()
+
+
+def test_baseline_first_and_by_sha(root):
+    first = write_fake_run(root, 1, grid())
+    write_fake_run(root, 2, grid(cuda_4096=1.05))
+    write_fake_run(root, 3, grid(cuda_4096=1.10))
+    assert _check(root).passed  # 1.10 / 1.05: under 7% vs the previous run
+    assert not _check(root, baseline="first").passed
+    assert not _check(root, baseline=first.env["git_sha"][:8]).passed
+    assert not _check(root, baseline=first.run_id).passed
+    report = _check(root, baseline="deadbeef")
+    assert report.passed and report.no_baseline == len(grid())
+
+
+def test_higher_is_better_metrics(root):
+    write_fake_run(root, 1, grid())
+    write_fake_run(root, 2, grid())
+    df = results.read_results(root)
+    df = df[df.metric == "time"].copy()
+    df["metric"] = "throughput"
+    late = df.run_id == df.run_id.max()
+    df.loc[late, "value"] = df.loc[late, "value"] * 0.9  # 10% fewer tokens/s
+    report = regress.check(df)
+    assert len(report.regressions) == len(grid())
+    assert report.regressions[0].change == pytest.approx(1 / 0.9 - 1)
+
+
+def test_dashboard_check_exit_status(root, capsys):
+    args = ["--check", "--results", str(root)]
+    assert dashboard.main(args) == 0
+    write_fake_run(root, 1, grid())
+    write_fake_run(root, 2, grid(triton_1=1.2))
+    assert dashboard.main(args) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED nvidia-h200 | bench | rms_norm | triton | tokens=1 hidden=4096" in out
+    assert dashboard.main(args + ["--threshold", "0.25"]) == 0
