@@ -40,10 +40,10 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   PK_CHECK_SHAPE(width % 2 == 0, "input's last dimension holds gate and up halves and must be ",
                  "even, got ", width);
   const int64_t d = width / 2;
-  std::vector<int64_t> expected = input.sizes().vec();
-  expected.back() = d;
-  PK_CHECK_SHAPE(out.sizes().vec() == expected, "out must have shape ", at::IntArrayRef(expected),
-                 ", got ", out.sizes());
+  bool shape_ok = out.dim() == input.dim() && out.size(-1) == d;
+  for (int64_t i = 0; shape_ok && i + 1 < input.dim(); ++i) shape_ok = out.size(i) == input.size(i);
+  PK_CHECK_SHAPE(shape_ok, "out must have shape ", input.sizes(), " with the last dimension ",
+                 "halved to ", d, ", got ", out.sizes());
   if (input.numel() == 0) return;
   const int64_t rows = input.numel() / width;
   const int64_t in_stride = row_stride(input, "input");
