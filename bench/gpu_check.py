@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHES = [
     ("bench.activation", "bench.activation", ["--quick", "--out", "{out}/results"]),
     ("bench.norm", "bench.norm", ["--quick", "--out", "{out}/results"]),
-    ("bench.attention fi", "bench.attention", ["--backend", "fi", "--quick",
-                                               "--out", "{out}/results"]),
+    ("bench.attention", "bench.attention", ["--backend", "all", "--quick", "--mode", "all",
+                                            "--out", "{out}/results"]),
+    ("microbench", "pytest", ["-m", "gpu", "-q", "-p", "no:cacheprovider",
+                              "tests/bench/test_microbench.py", "--benchmark-only",
+                              "--benchmark-json={out}/microbench.json"]),
+    ("dashboard ingest", "bench.dashboard", ["--results", "{out}/results",
+                                             "--ingest", "{out}/microbench.json"]),
+    ("dashboard check", "bench.dashboard", ["--results", "{out}/results", "--check"]),
 ]
 
 
@@ -80,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     print("device:", device, flush=True)
     steps = [_build_step(args.aot, out)]
     if not args.skip_tests:
+        # Micro-benchmarks run once each here (--benchmark-disable); the bench step times them.
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={out}/pytest-gpu.xml", *shlex.split(args.pytest_args)]
+               "--benchmark-disable", f"--junitxml={out}/pytest-gpu.xml",
+               *shlex.split(args.pytest_args)]
         steps.append(_run("pytest -m gpu", cmd, out, timeout=1800))
     if not args.skip_bench:
         for name, module, bench_args in BENCHES:
