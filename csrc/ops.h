@@ -7,3 +7,11 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
                         double eps);
+void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                  const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
+                  const at::Tensor& kv_last_page_len, at::Tensor& partial_o,
+                  at::Tensor& partial_lse, at::Tensor& counters, int64_t num_splits,
+                  double sm_scale, double logits_soft_cap, int64_t window_left, double k_scale,
+                  double v_scale);
+void append_paged_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache,
+                     const at::Tensor& slot_mapping, double k_scale, double v_scale);

@@ -9,12 +9,20 @@ TORCH_LIBRARY(pykernels, m) {
   m.def("silu_and_mul(Tensor! out, Tensor input) -> ()");
   m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float eps) -> ()");
   m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float eps) -> ()");
+  m.def("paged_decode(Tensor! out, Tensor q, Tensor kv_cache, Tensor kv_indptr, "
+        "Tensor kv_indices, Tensor kv_last_page_len, Tensor! partial_o, Tensor! partial_lse, "
+        "Tensor! counters, int num_splits, float sm_scale, float logits_soft_cap, "
+        "int window_left, float k_scale, float v_scale) -> ()");
+  m.def("append_paged_kv(Tensor k, Tensor v, Tensor! kv_cache, Tensor slot_mapping, "
+        "float k_scale, float v_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("paged_decode", &paged_decode);
+  m.impl("append_paged_kv", &append_paged_kv);
 }
 
 // Lets `import pykernels._C` load the prebuilt library (the ops register at load time).

@@ -1,0 +1,238 @@
+// Helpers of the paged decode kernel (decode.cuh): parameters, tile geometry, conversions,
+// the tile loader and the result/merge steps. Torch-free.
+//
+// Design of the kernel:
+// One CTA per (split, kv head x head chunk, request) handles the HEADS q heads that share a kv
+// head, so each K/V row is read once for the whole GQA group. K/V tiles of TILE tokens stream
+// into shared memory through a STAGES-deep cp.async pipeline (16-byte copies, gathered through the
+// page table). Each warp then takes its slice of the tile: a lane owns 8 dims of a row, so a row of
+// head_dim d spans LPR = d / 8 lanes and a warp covers 32 / LPR rows per step; q.k is reduced over
+// those lanes with shuffles, p.V accumulates in registers. Every row group keeps its own fp32
+// online softmax (log2 domain) and the states are merged at the end: lanes, then warps (shared
+// memory), then splits (the last CTA of a request's splits to finish merges them, so no second
+// kernel is launched: a counter per (request, head group) counts arrivals and is reset to 0).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "../common/vec.cuh"
+#include "async_copy.cuh"
+
+namespace pykernels {
+namespace attention {
+
+constexpr int kMaxSplits = 64;  // the merge keeps one weight per (head, split) in shared memory
+
+struct DecodeParams {
+  void* out;
+  const void* q;
+  const void* cache;
+  float* partial_o;    // [batch, num_q_heads, num_splits, HEAD_DIM] (num_splits > 1)
+  float* partial_lse;  // [batch, num_q_heads, num_splits], log2 domain
+  int* counters;       // [batch, gridDim.y], zero between launches
+  const int* kv_indptr;
+  const int* kv_indices;
+  const int* kv_last_page_len;
+  int64_t q_stride_b, q_stride_h, o_stride_b, o_stride_h;
+  int64_t stride_page, stride_kv, stride_tok, stride_head;  // cache strides, elements
+  int num_q_heads, group, head_chunks, page_size, page_shift, num_splits, window_left;
+  float qk_scale;   // log2e * sm_scale * k_scale (no cap) or sm_scale * k_scale / cap
+  float cap_scale;  // cap * log2e, 0 without a soft cap
+  float v_scale;
+};
+
+// Tile geometry. A stage holds TILE rows of K then TILE rows of V: 32 KB for a 16-bit cache at any
+// head_dim with HEADS <= 4, so 3 stages (96 KB) let 2 CTAs share an SM (228 KB).
+template <int HEAD_DIM, int HEADS, int KV_BYTES>
+struct DecodeShape {
+  static constexpr int kVec = 8;                     // elements of a row per lane
+  static constexpr int kLanesPerRow = HEAD_DIM / kVec;  // 8, 16, 32
+  static constexpr int kRowsPerStep = 32 / kLanesPerRow;
+  static constexpr int kSteps = HEADS <= 4 ? 8 : 4;  // scores kept: kSteps * HEADS registers
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTile = kWarps * kRowsPerStep * kSteps;
+  static constexpr int kStages = 3;
+  static constexpr int kRowBytes = HEAD_DIM * KV_BYTES;
+  static constexpr int kChunks = kRowBytes / 16;
+  static constexpr int kPerThread = kTile * kChunks / kThreads;  // 16-byte copies per thread
+  static_assert(kTile * kChunks % kThreads == 0, "a tile splits evenly over the threads");
+  static constexpr int kStageBytes = 2 * kTile * kRowBytes;
+  static constexpr int kMergeBytes = (kWarps * HEADS * (HEAD_DIM + 2) + HEADS * kMaxSplits) * 4;
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
+};
+
+// 8 cache elements as floats.
+template <typename KV>
+__device__ __forceinline__ void load8(const char* src, float (&f)[8]);
+
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const char* src, float (&f)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <>
+__device__ __forceinline__ void load8<__half>(const char* src, float (&f)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __half22float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <>
+__device__ __forceinline__ void load8<__nv_fp8_e4m3>(const char* src, float (&f)[8]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(src);
+  const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 h = __half2(__nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3));
+    const float2 x = __half22float2(h);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+__device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
+
+// Merges softmax state (m2, l2, o2) into (m, l, o); m = -inf means empty.
+template <int N>
+__device__ __forceinline__ void merge_state(float& m, float& l, float (&o)[N], float m2,
+                                            float l2, const float (&o2)[N]) {
+  const float mn = fmaxf(m, m2);
+  const float a = exp2f(m - safe_max(mn));
+  const float b = exp2f(m2 - safe_max(mn));
+  l = l * a + l2 * b;
+#pragma unroll
+  for (int i = 0; i < N; ++i) o[i] = o[i] * a + o2[i] * b;
+  m = mn;
+}
+
+// Page of each tile row this thread copies (-1: past hi). Fetched one tile ahead of its copies,
+// so the index loads' latency hides behind a tile of compute instead of stalling the warp.
+template <typename S>
+struct TileRows {
+  int page[S::kPerThread];
+};
+
+template <typename S>
+__device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParams& p,
+                                            const int* pages, int t0, int hi) {
+#pragma unroll
+  for (int i = 0; i < S::kPerThread; ++i) {
+    const int t = t0 + (threadIdx.x + i * S::kThreads) / S::kChunks;
+    const int page_no = p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
+    rows.page[i] = t < hi ? __ldg(pages + page_no) : -1;
+  }
+}
+
+// Issues the cp.async copies of a tile's K and V rows (rows past hi are zero-filled).
+template <typename S, int KV_BYTES>
+__device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
+                                           const DecodeParams& p, int kvh, int t0) {
+  const char* base = static_cast<const char*>(p.cache);
+#pragma unroll
+  for (int i = 0; i < S::kPerThread; ++i) {
+    const int c = threadIdx.x + i * S::kThreads;
+    const int r = c / S::kChunks;
+    const int col = c % S::kChunks;
+    const int t = t0 + r;
+    const bool valid = rows.page[i] >= 0;
+    const int slot = p.page_shift >= 0 ? t & (p.page_size - 1) : t % p.page_size;
+    const int64_t elem = (int64_t)rows.page[i] * p.stride_page + (int64_t)slot * p.stride_tok +
+                         (int64_t)kvh * p.stride_head;
+    const char* src = valid ? base + elem * KV_BYTES + col * 16 : base;
+    char* dst = stage + r * S::kRowBytes + col * 16;
+    cp_async_16(dst, src, valid);
+    cp_async_16(dst + S::kTile * S::kRowBytes, valid ? src + p.stride_kv * KV_BYTES : base, valid);
+  }
+}
+
+// Final normalization of one (head, dim) output of this CTA, then either the output itself (one
+// split) or the split's partial (normalized output + log2-sum-exp).
+template <typename T, int HEAD_DIM, int HEADS>
+__device__ __forceinline__ void write_result(const DecodeParams& p, int b, int qh0, int split,
+                                             int h, int d, float m, float l, float o) {
+  const float r = l > 0.0f ? o / l : 0.0f;
+  const int qh = qh0 + h;
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * p.o_stride_b + qh * p.o_stride_h;
+    out[d] = from_float<T>(r * p.v_scale);
+    return;
+  }
+  const int64_t row = ((int64_t)b * p.num_q_heads + qh) * p.num_splits + split;
+  p.partial_o[row * HEAD_DIM + d] = r;
+  if (d == 0) p.partial_lse[row] = l > 0.0f ? m + log2f(l) : -INFINITY;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// The last CTA of a (request, head group) to finish merges every split's partial. Each step
+// keeps many L2 loads in flight (a serial loop over splits would pay one L2 latency per split).
+template <typename T, int HEAD_DIM, int HEADS, int THREADS>
+__device__ void merge_splits(const DecodeParams& p, float* weights, int b, int qh0, int heads) {
+  const int S = p.num_splits;
+  const int64_t row0 = ((int64_t)b * p.num_q_heads + qh0) * S;  // head h, split s: row0 + h*S + s
+  for (int i = threadIdx.x; i < heads * S; i += THREADS) {
+    weights[(i / S) * kMaxSplits + i % S] = __ldcg(p.partial_lse + row0 + i);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int h = warp; h < heads; h += THREADS / 32) {  // a warp per head: lse -> weights
+    float* w = weights + h * kMaxSplits;
+    float m = -INFINITY;
+    for (int s = lane; s < S; s += 32) m = fmaxf(m, w[s]);
+    m = safe_max(warp_max(m));
+    float total = 0.0f;
+    for (int s = lane; s < S; s += 32) {
+      w[s] = exp2f(w[s] - m);  // empty splits (lse -inf) weigh 0
+      total += w[s];
+    }
+    total = warp_reduce_sum(total);
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int s = lane; s < S; s += 32) w[s] *= inv;
+  }
+  __syncthreads();
+  constexpr int kCols = HEAD_DIM / 4;  // float4 columns of a partial row
+  for (int i = threadIdx.x; i < heads * kCols; i += THREADS) {
+    const int h = i / kCols, c = i % kCols;
+    const float4* src = reinterpret_cast<const float4*>(p.partial_o + (row0 + h * S) * HEAD_DIM) + c;
+    const float* w = weights + h * kMaxSplits;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int s = 0; s < S; ++s) {
+      const float4 x = __ldcg(src + s * kCols);
+      acc.x = fmaf(w[s], x.x, acc.x);
+      acc.y = fmaf(w[s], x.y, acc.y);
+      acc.z = fmaf(w[s], x.z, acc.z);
+      acc.w = fmaf(w[s], x.w, acc.w);
+    }
+    T* out = static_cast<T*>(p.out) + b * p.o_stride_b + (qh0 + h) * p.o_stride_h + 4 * c;
+    out[0] = from_float<T>(acc.x * p.v_scale);
+    out[1] = from_float<T>(acc.y * p.v_scale);
+    out[2] = from_float<T>(acc.z * p.v_scale);
+    out[3] = from_float<T>(acc.w * p.v_scale);
+  }
+}
+
+}  // namespace attention
+}  // namespace pykernels

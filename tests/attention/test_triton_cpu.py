@@ -1,0 +1,114 @@
+"""Triton kernels under the interpreter (CPU-only machines), tiny shapes, float16: decode with and
+without splits, GQA ratios, page sizes, prefill with prefixes, append, plan objects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pykernels import attention
+from pykernels.attention import PagedDecode, PagedPrefill, ref
+from pykernels.attention import triton_prefill as tp
+from tests.attention._cases import TOL, Paged
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="interpreter tests are for CPU-only machines")
+DT = torch.float16
+D = 64
+SMALL = {"BLOCK_N": 16}  # interpreter time grows with the block
+
+
+def _close(got, want):
+    atol, rtol = TOL[DT]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1), (4, 2)])
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_decode(splits, heads, page_size):
+    hq, hkv = heads
+    p = Paged([1, 7, 17, 0, 40], page_size, hkv, D, DT)
+    q = p.q(hq, D, DT)
+    out = torch.full_like(q, float("nan"))
+    got = attention.paged_decode(q, p.cache, *p.table, out=out, backend="triton",
+                                 config={**SMALL, "num_splits": splits})
+    assert got is out
+    _close(got, ref.decode_ref(q, p.cache, *p.table))
+    assert torch.count_nonzero(got[3]) == 0
+
+
+def test_decode_head_chunks_and_strided_q():
+    # group 32 > BLOCK_H 16: two programs per kv head; q a strided view.
+    p = Paged([5, 20], 4, 1, D, DT)
+    q = p.q(32, D, DT, strided=True)
+    got = attention.paged_decode(q, p.cache, *p.table, backend="triton",
+                                 config={**SMALL, "BLOCK_H": 16, "num_splits": 2})
+    _close(got, ref.decode_ref(q, p.cache, *p.table))
+
+
+@pytest.mark.parametrize("kw", [{"logits_soft_cap": 4.0}, {"window_left": 5},
+                                {"sm_scale": 0.2, "k_scale": 0.5, "v_scale": 1.5}])
+def test_decode_options(kw):
+    p = Paged([3, 30], 4, 2, D, DT)
+    q = p.q(4, D, DT)
+    got = attention.paged_decode(q, p.cache, *p.table, backend="triton",
+                                 config={**SMALL, "num_splits": 2}, **kw)
+    _close(got, ref.decode_ref(q, p.cache, *p.table, **kw))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_prefill_with_prefix(causal, heads, block_m):
+    hq, hkv = heads
+    p = Paged([9, 5, 0, 21, 3], 4, hkv, D, DT, q_lens=[3, 5, 0, 17, 0])
+    q = p.q(hq, D, DT)
+    got = attention.paged_prefill(q, p.cache, p.qo_indptr, *p.table, causal=causal,
+                                  backend="triton", config={"BLOCK_M": block_m, "BLOCK_N": 16})
+    _close(got, ref.prefill_ref(q, p.cache, p.qo_indptr, *p.table, causal=causal))
+
+
+@pytest.mark.parametrize("kw", [{"window_left": 2}, {"logits_soft_cap": 3.0}])
+def test_prefill_options(kw):
+    p = Paged([12, 20], 4, 2, D, DT, q_lens=[12, 6])
+    q = p.q(4, D, DT)
+    got = attention.paged_prefill(q, p.cache, p.qo_indptr, *p.table, backend="triton",
+                                  config={"BLOCK_M": 16, "BLOCK_N": 16}, **kw)
+    _close(got, ref.prefill_ref(q, p.cache, p.qo_indptr, *p.table, **kw))
+
+
+def test_tile_map_orders_long_tiles_first():
+    qo = torch.tensor([0, 5, 5, 12], dtype=torch.int32)  # q lens 5, 0, 7; group 2, BLOCK_M 4
+    req, idx = tp.tile_map(qo, 12, 2, 4)
+    assert req.tolist()[:7] == [0, 0, 0, 2, 2, 2, 2]
+    assert idx.tolist()[:7] == [2, 1, 0, 3, 2, 1, 0]
+    assert all(r >= 3 for r in req.tolist()[7:])  # spare slots exit at once
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_append(backend):
+    p = Paged([6, 3], 4, 2, D, DT)
+    k = torch.randn(3, 2, D, dtype=DT)
+    v = torch.randn(3, 2, D, dtype=DT)
+    slots = torch.tensor([4, -1, 9])
+    want = p.cache.clone()
+    ref.append_ref(k, v, want, slots, 0.5, 4.0)
+    got = attention.append_paged_kv(k, v, p.cache, slots, k_scale=0.5, v_scale=4.0,
+                                    backend=backend)
+    assert torch.equal(got, want)
+
+
+def test_plan_objects_with_fixed_buffers():
+    dec = PagedDecode(4, 2, D, 4, dtype=DT, device="cpu", backend="triton", max_batch=4,
+                      max_pages=64, config={**SMALL, "num_splits": 2})
+    pre = PagedPrefill(4, 2, D, 4, dtype=DT, device="cpu", backend="triton", max_batch=4,
+                       max_pages=64, max_tokens=32, config={"BLOCK_M": 16, "BLOCK_N": 16})
+    for lens in ([5, 17, 2], [30, 1]):  # two steps through the same buffers
+        p = Paged(lens, 4, 2, D, DT, q_lens=[1] * len(lens))
+        dec.plan(*p.table)
+        q = p.q(4, D, DT)
+        _close(dec.run(q, p.cache), ref.decode_ref(q, p.cache, *p.table))
+        pre.plan(p.qo_indptr, *p.table)
+        _close(pre.run(q, p.cache), ref.decode_ref(q, p.cache, *p.table))
+    assert dec.num_splits == 2
