@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import shlex
 import subprocess
 import sys
@@ -34,7 +35,7 @@ BENCHES = [
 
 
 def _run(name: str, cmd: list[str], out: Path, timeout: int) -> dict:
-    log = out / (name.replace(" ", "_").replace("/", "_").replace(".", "_") + ".log")
+    log = out / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".log")
     start = time.perf_counter()
     print(f"== {name}: {shlex.join(cmd)}", flush=True)
     with open(log, "w") as fh:
