@@ -54,7 +54,7 @@ def _run(name: str, cmd: list[str], out: Path, timeout: int) -> dict:
 
 def _build_step(aot: bool, out: Path) -> dict:
     if aot:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+        cmd = [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps",
                "-e", "."]
         return _run("build (aot)", cmd, out, timeout=900)
     code = "from pykernels import _ops; print('loaded:', _ops.load())"
