@@ -55,6 +55,7 @@ def _cuda_extension():
         sources=[str(p.relative_to(ROOT)) for p in build.sources()],
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS},
+        extra_link_args=build.link_flags(),
     )
     return ext, BuildExtension
 

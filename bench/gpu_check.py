@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = [_build_step(args.aot, out)]
     if not args.skip_tests:
         # Micro-benchmarks run once each here (--benchmark-disable); the bench step times them.
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-               "--benchmark-disable", f"--junitxml={out}/pytest-gpu.xml",
+        # pytest-xdist when present: 8 workers share the GPU, and a worker that crashes is
+        # reported as that test's failure instead of ending the session.
+        xdist = ["-n", "8"] if importlib.util.find_spec("xdist") else []
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rf", "-p", "no:cacheprovider",
+               "--benchmark-disable", f"--junitxml={out}/pytest-gpu.xml", *xdist,
                *shlex.split(args.pytest_args)]
         steps.append(_run("pytest -m gpu", cmd, out, timeout=1800))
     if not args.skip_bench:

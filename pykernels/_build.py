@@ -28,6 +28,25 @@ def sources() -> list[Path]:
     return sorted(CSRC.rglob("*.cu")) + [CSRC / "torch_bindings.cpp"]
 
 
+def link_flags() -> list[str]:
+    """Link the C++ runtime the running torch uses, by path, so pykernels._C shares it.
+
+    Some images' compilers (the GPU machines' /opt/gcc g++, 2026-11-21) link libstdc++ statically
+    into a shared library. Its code then mixes with the process's libstdc++.so.6 data (locale
+    facet ids: data symbols are not bound by -Bsymbolic-functions) and formatting an integer into
+    an error message segfaulted. Naming the loaded libstdc++.so.6 first resolves every C++ runtime
+    symbol there; an archive is then never searched for them.
+    """
+    import torch  # noqa: F401  (loads libstdc++.so.6 into this process)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libstdc++.so" in line}
+    except OSError:  # not Linux
+        return []
+    return sorted(p for p in paths if p.startswith("/"))[:1]
+
+
 def set_arch_list(arch_list: str) -> None:
     # torch.utils.cpp_extension reads the architectures from this variable.
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
@@ -82,6 +101,7 @@ def jit_load() -> str:
         extra_include_paths=[str(CSRC)],
         extra_cflags=CXX_FLAGS,
         extra_cuda_cflags=NVCC_FLAGS,
+        extra_ldflags=link_flags(),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=envs.PYKERNELS_JIT_VERBOSE,
