@@ -45,10 +45,15 @@ inline int pick_threads(int64_t nvec, int items) {
   }
 
 void check_norm_args(const at::Tensor& x, const char* x_name, const at::Tensor& weight) {
-  PK_CHECK_CUDA(x);
-  PK_CHECK_SAME_DEVICE(weight, x);
-  PK_CHECK_FLOAT_DTYPE(x);
-  PK_CHECK_SAME_DTYPE(weight, x);
+  TORCH_CHECK_VALUE(x.is_cuda(), x_name, " must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "weight and ", x_name,
+                    " must be on the same device, got ", weight.device(), " and ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+                       x.scalar_type() == at::kFloat,
+                   x_name, " must be bfloat16, float16 or float32, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight and ", x_name,
+                   " must have the same dtype, got ", weight.scalar_type(), " and ",
+                   x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.stride(-1) == 1, x_name,
                     " must have a contiguous last dimension (stride 1), got strides ", x.strides());
   PK_CHECK_DIM(weight, 1);

@@ -13,7 +13,7 @@ from autotune import Tunable
 
 
 @triton.jit
-def _rms_norm_kernel(out_ptr, in_ptr, w_ptr, hidden, in_stride, out_stride, eps,
+def _rms_norm_kernel(out_ptr, in_ptr, w_ptr, hidden, out_stride, in_stride, eps,
                      BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     src = in_ptr + row * in_stride

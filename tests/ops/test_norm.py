@@ -30,7 +30,7 @@ def _inputs(rows, hidden, dtype, device="cuda"):
 
 
 def _check_rms(backend, x, w):
-    out = torch.full_like(x, float("nan"))
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
     assert pykernels.rms_norm(x, w, EPS, out=out, backend=backend) is out
     atol, rtol = TOL[x.dtype]
     torch.testing.assert_close(out.float(), rms_norm_ref(x.float(), w.float(), EPS),
@@ -70,6 +70,15 @@ def test_triton_interpreter_cpu(dtype, hidden):
     x, w = _inputs(3, hidden, dtype, "cpu")
     _check_rms("triton", x, w)
     _check_fused("triton", x, torch.randn_like(x), w)
+
+
+def test_triton_interpreter_row_slice():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only interpreter test")
+    big = torch.randn(5, 100, dtype=torch.float32)
+    w = torch.randn(37, dtype=torch.float32)
+    _check_rms("triton", big[:, 3:40], w)  # input rows strided, out contiguous
+    _check_fused("triton", big[:, 3:40], torch.randn(5, 60)[:, 10:47], w)
 
 
 def test_triton_interpreter_multi_pass():
