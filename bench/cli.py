@@ -323,7 +323,9 @@ def main(family: Family, argv: list[str] | None = None) -> int:
         return 0
     device = "cpu" if args.cpu else args.device
     if device != "cpu":
-        torch.cuda.set_device(device)  # events and graphs use the current device's streams
+        # Events and graphs use the current device's streams. An index, not "cuda": torch 2.11
+        # rejects a device without one.
+        torch.cuda.set_device(torch.device(device).index or 0)
     args.dtype = DTYPES[args.dtype or ("fp32" if args.cpu else "bf16")]
     try:
         providers, skipped = select_providers(family, args.backend, device)
