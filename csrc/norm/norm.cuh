@@ -7,8 +7,8 @@
 namespace pykernels {
 
 // Each thread keeps ITEMS vectors of VEC elements of its row in registers, so the row is read
-// from memory once: one pass of loads, one block reduction, one pass of stores. ITEMS = 0 is the
-// fallback for rows longer than 1024 threads * 8 items * VEC: it reads the row a second time.
+// from memory once: one pass of loads, one block reduction, one pass of stores. ITEMS = 0 reads
+// the row a second time (from L1) instead; the launcher picks by measured speed (norm.cu).
 template <typename T, int VEC, int ITEMS>
 struct RowCache {
   Vec<T, VEC> items[ITEMS > 0 ? ITEMS : 1];
