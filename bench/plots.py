@@ -65,7 +65,8 @@ def latest_figure(latest, path: Path, title: str) -> Path:
     colors = provider_colors(latest["provider"])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(shapes) + 3), 4.2))
     for provider, rows in latest.groupby("provider", sort=True):
-        rows = rows.set_index("shape_label").reindex(shapes)
+        # One point per shape: a shape measured twice in a run (two presets) is its median.
+        rows = rows.groupby("shape_label")[["fraction", "value"]].median().reindex(shapes)
         y = rows["fraction"] * 100 if use_fraction else rows["value"]
         ax.plot(range(len(shapes)), y.astype(float), label=provider, **_style(provider, colors))
     ax.set_xticks(range(len(shapes)))
@@ -87,7 +88,7 @@ def latest_figure(latest, path: Path, title: str) -> Path:
 
 def _panel(ax, rows, runs: list[str], label: str, colors: dict[str, str]) -> None:
     for provider, r in rows.groupby("provider", sort=True):
-        r = r.set_index("run_id").reindex(runs)
+        r = r.groupby("run_id")[["value", "p20", "p80"]].median().reindex(runs)
         x = range(len(runs))
         ax.plot(x, r["value"].astype(float), label=provider, **_style(provider, colors))
         ax.fill_between(x, r["p20"].astype(float), r["p80"].astype(float), alpha=0.15,

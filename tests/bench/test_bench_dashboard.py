@@ -45,6 +45,20 @@ def test_render_removes_stale_pngs_and_handles_no_results(root, capsys):
     assert not stale.exists()
 
 
+def test_shape_measured_twice_in_one_run_renders(root, tmp_path):
+    """A quick run measures the same shape under two presets (seen on the H100, 2026-11-21):
+    the plots take the median instead of failing on duplicate labels."""
+    for day in (1, 2):
+        run = write_fake_run(root, day, grid())
+        rows = results.read_results(root)
+        again = rows[rows["run_id"] == run.run_id].to_dict("records")
+        results.write_run(root, run, again, None)
+    df = results.read_results(root)
+    assert df.duplicated(["run_id", "kernel", "provider", "shape_label", "metric"]).any()
+    dashboard.render(df, tmp_path / "dash")
+    assert (tmp_path / "dash" / "png" / "nvidia-h200" / "rms_norm_trend.png").stat().st_size
+
+
 def test_many_shapes_spill_into_pages(root, tmp_path):
     times = {("rms_norm", "cuda", t): 1.0 + t / 100 for t in range(1, 31)}
     write_fake_run(root, 1, times)
