@@ -26,15 +26,10 @@ class Family:
     name: str
     modules: dict[str, str]
     auto_order: tuple[str, ...]
-    # (rows, order): `auto` at most this many rows uses this order instead (decode batches,
-    # where the kernels' latency rather than bandwidth decides the winner).
-    small_rows: tuple[int, tuple[str, ...]] | None = None
     _resolved: dict[tuple[str, str], ModuleType] = field(default_factory=dict)
     _errors: dict[str, str] = field(default_factory=dict)
 
-    def get(self, backend: str, device: torch.device, rows: int = 0) -> ModuleType:
-        if backend == "auto" and self.small_rows and rows <= self.small_rows[0]:
-            backend = "auto-small"
+    def get(self, backend: str, device: torch.device) -> ModuleType:
         mod = self._resolved.get((backend, device.type))
         if mod is None:
             mod = self._resolve(backend, device)
@@ -53,11 +48,10 @@ class Family:
         return out
 
     def _resolve(self, backend: str, device: torch.device) -> ModuleType:
-        if backend in ("auto", "auto-small"):
+        if backend == "auto":
             if device.type != "cuda":
                 return self._import("torch")
-            order = self.small_rows[1] if backend == "auto-small" else self.auto_order
-            for name in order:
+            for name in self.auto_order:
                 try:
                     return self._import(name)
                 except BackendUnavailable:

@@ -9,17 +9,15 @@ namespace pykernels {
 // Each thread keeps ITEMS vectors of VEC elements of its row in registers, so the row is read
 // from memory once: one pass of loads, one block reduction, one pass of stores. ITEMS = 0 reads
 // the row a second time (from L1) instead; the launcher picks by measured speed (norm.cu).
-// The weight vectors are loaded with the row, before the reduction: loading them after it put a
-// second memory round trip on the critical path of short (decode) batches.
 template <typename T, int VEC, int ITEMS>
 struct RowCache {
   Vec<T, VEC> items[ITEMS > 0 ? ITEMS : 1];
-  Vec<T, VEC> weight[ITEMS > 0 ? ITEMS : 1];
 };
 
 template <typename T, int VEC>
-__device__ __forceinline__ void scale_and_store(T* dst, const Vec<T, VEC>& x, const Vec<T, VEC>& w,
+__device__ __forceinline__ void scale_and_store(T* dst, const Vec<T, VEC>& x, const T* weight,
                                                 float inv_rms) {
+  const Vec<T, VEC> w = load_vec<T, VEC>(weight);
   Vec<T, VEC> r;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
@@ -52,7 +50,6 @@ __global__ void rms_norm_kernel(T* __restrict__ out, const T* __restrict__ in,
       const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
       if (v < nvec) {
         cache.items[k] = load_vec<T, VEC>(src + v * VEC);
-        cache.weight[k] = load_vec<T, VEC>(weight + v * VEC);
         ss += sum_squares<T, VEC>(cache.items[k]);
       }
     }
@@ -66,13 +63,12 @@ __global__ void rms_norm_kernel(T* __restrict__ out, const T* __restrict__ in,
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
       const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
-      if (v < nvec)
-        scale_and_store<T, VEC>(dst + v * VEC, cache.items[k], cache.weight[k], inv_rms);
+      if (v < nvec) scale_and_store<T, VEC>(dst + v * VEC, cache.items[k], weight + v * VEC, inv_rms);
     }
   } else {
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      scale_and_store<T, VEC>(dst + v * VEC, load_vec<T, VEC>(src + v * VEC),
-                              load_vec<T, VEC>(weight + v * VEC), inv_rms);
+      scale_and_store<T, VEC>(dst + v * VEC, load_vec<T, VEC>(src + v * VEC), weight + v * VEC,
+                              inv_rms);
     }
   }
 }
@@ -105,7 +101,6 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ x, T* __restrict__ res
     for (int k = 0; k < ITEMS; ++k) {
       const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
       if (v < nvec) {
-        cache.weight[k] = load_vec<T, VEC>(weight + v * VEC);
         cache.items[k] = add_and_store<T, VEC>(xr + v * VEC, rr + v * VEC);
         ss += sum_squares<T, VEC>(cache.items[k]);
       }
@@ -120,14 +115,13 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ x, T* __restrict__ res
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
       const int64_t v = threadIdx.x + (int64_t)k * blockDim.x;
-      if (v < nvec)
-        scale_and_store<T, VEC>(xr + v * VEC, cache.items[k], cache.weight[k], inv_rms);
+      if (v < nvec) scale_and_store<T, VEC>(xr + v * VEC, cache.items[k], weight + v * VEC, inv_rms);
     }
   } else {
     // Each thread re-reads only the residual vectors it wrote itself: no barrier needed.
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-      scale_and_store<T, VEC>(xr + v * VEC, load_vec<T, VEC>(rr + v * VEC),
-                              load_vec<T, VEC>(weight + v * VEC), inv_rms);
+      scale_and_store<T, VEC>(xr + v * VEC, load_vec<T, VEC>(rr + v * VEC), weight + v * VEC,
+                              inv_rms);
     }
   }
 }

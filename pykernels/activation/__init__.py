@@ -7,10 +7,9 @@ import torch
 from pykernels import _checks
 from pykernels._backends import Family
 
-# auto, from bench.activation (results/nvidia-h200, results/nvidia-h100-80gb-hbm3, graph replay):
-# at 1-64 rows of 14336 Triton takes 1.25/3.27 us against CUDA's 2.04/3.81 on the H200; from
-# 1024 rows on they tie within 1% (23.1 vs 23.4 us; 343 vs 341 us), and the CUDA op costs less
-# host time outside CUDA graphs.
+# auto: Triton (with its shipped tuned configs), then CUDA. bench.activation on the H200, graph
+# replay, 14336 wide (2026-11-21): 1 row 1.22 us vs CUDA 2.22, 64 rows 3.27 vs 3.86, 1024 rows
+# 23.03 vs 23.06, 16384 rows 331.8 vs 331.2 (FlashInfer 3.51 / 4.48 / 25.6 / 344).
 _FAMILY = Family(
     name="silu_and_mul",
     modules={
@@ -18,8 +17,7 @@ _FAMILY = Family(
         "triton": "pykernels.activation.triton",
         "torch": "pykernels.activation.ref",
     },
-    auto_order=("cuda", "triton"),
-    small_rows=(64, ("triton", "cuda")),
+    auto_order=("triton", "cuda"),
 )
 
 
@@ -62,7 +60,7 @@ def silu_and_mul(
         _checks.last_dim_contiguous("out", out)
     if x.numel() == 0:
         return out
-    impl = _FAMILY.get(backend, x.device, x.numel() // max(x.shape[-1], 1))
+    impl = _FAMILY.get(backend, x.device)
     impl.silu_and_mul(_checks.rows_view(out, "out"), _checks.rows_view(x))
     return out
 

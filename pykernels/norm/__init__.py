@@ -7,10 +7,10 @@ import torch
 from pykernels import _checks
 from pykernels._backends import Family
 
-# auto, from bench.norm (results/nvidia-h200, graph replay): at 1-64 rows of 4096 Triton takes
-# 1.60/2.52 us (rms_norm) and 1.75/2.78 us (fused) against CUDA's 2.33/3.29 and 2.29/3.68; from
-# 1024 rows on CUDA leads or ties (rms_norm 6.41 vs 6.84 us at 1024, 69 vs 75 us at 16384;
-# fused within 3%).
+# auto: Triton (with its shipped tuned configs), then CUDA. bench.norm on the H200, graph replay
+# below ~100 us (2026-11-21), rms_norm at 4096 wide: 1 row 1.56 us vs CUDA 2.33, 64 rows 2.47 vs
+# 3.29, 1024 rows 5.99 vs 6.41, 16384 rows 69.0 vs 69.1; 32768 x 8192: 259 vs 274 us. The fused
+# op: Triton within 3% of CUDA or ahead at every size. FlashInfer sits between or behind.
 _FAMILY = Family(
     name="rms_norm",
     modules={
@@ -18,8 +18,7 @@ _FAMILY = Family(
         "triton": "pykernels.norm.triton",
         "torch": "pykernels.norm.ref",
     },
-    auto_order=("cuda", "triton"),
-    small_rows=(64, ("triton", "cuda")),
+    auto_order=("triton", "cuda"),
 )
 
 
@@ -70,7 +69,7 @@ def rms_norm(
         _checks.last_dim_contiguous("out", out)
     if x.numel() == 0:
         return out
-    impl = _FAMILY.get(backend, x.device, x.numel() // max(x.shape[-1], 1))
+    impl = _FAMILY.get(backend, x.device)
     impl.rms_norm(_checks.rows_view(out, "out"), _checks.rows_view(x), weight, float(eps))
     return out
 
@@ -113,7 +112,7 @@ def fused_add_rms_norm(
     _check_weight(weight, x)
     if x.numel() == 0:
         return x, residual
-    impl = _FAMILY.get(backend, x.device, x.numel() // max(x.shape[-1], 1))
+    impl = _FAMILY.get(backend, x.device)
     impl.fused_add_rms_norm(_checks.rows_view(x, "x"), _checks.rows_view(residual, "residual"),
                             weight, float(eps))
     return x, residual
