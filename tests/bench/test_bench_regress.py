@@ -55,6 +55,29 @@ def test_devices_are_never_mixed(root):
     assert len(report.regressions) == len(grid())
 
 
+def test_split_run_and_sub_floor_moves_pass(root):
+    """A run whose samples split between two speeds (median slow, p20 at the old speed), seen on
+    the H200 for silu_and_mul, and a 0.3 us move of a 2 us kernel do not fail CI; the same moves
+    with the bands apart and above the floor do."""
+    # device_slug, source, kernel, provider, shape_label, dtype, metric (regress.SERIES_KEY)
+    key = ("nvidia-h200", "bench", "silu_and_mul", "cuda", "tokens=16384", "bf16", "time")
+    row = lambda v, lo, hi, run: {"value": v, "p20": lo, "p80": hi, "unit": "us", "run_id": run}
+    split = regress.compare(key, row(333.8, 329.8, 336.9, "a"), row(395.0, 331.0, 400.0, "b"),
+                            0.07)
+    assert split.change > split.threshold and not split.bands_apart and not split.regressed
+    apart = regress.compare(key, row(333.8, 329.8, 336.9, "a"), row(390.9, 380.0, 392.4, "b"),
+                            0.07)
+    assert apart.regressed
+    tiny = {("rms_norm", "cuda", 1): 2.33}
+    write_fake_run(root, 3, tiny)
+    write_fake_run(root, 4, {("rms_norm", "cuda", 1): 2.62})  # +12%, bands apart, 0.29 us
+    report = _check(root)
+    assert report.passed
+    assert any(v.change > 0.1 and not v.large_enough for v in report.verdicts)
+    write_fake_run(root, 5, {("rms_norm", "cuda", 1): 3.30})  # +26%, 0.68 us: regressed
+    assert not _check(root).passed
+
+
 def test_single_run_and_no_results_pass(root):
     assert _check(root).passed
     assert _check(root).summary() == "check passed: no results to check"
@@ -82,7 +105,8 @@ def test_higher_is_better_metrics(root):
     df = df[df.metric == "time"].copy()
     df["metric"] = "throughput"
     late = df.run_id == df.run_id.max()
-    df.loc[late, "value"] = df.loc[late, "value"] * 0.9  # 10% fewer tokens/s
+    for col in ("value", "p20", "p80"):  # 10% fewer tokens/s, the whole band with it
+        df.loc[late, col] = df.loc[late, col] * 0.9
     report = regress.check(df)
     assert len(report.regressions) == len(grid())
     assert report.regressions[0].change == pytest.approx(1 / 0.9 - 1)
