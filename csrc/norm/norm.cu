@@ -11,7 +11,7 @@ namespace pykernels {
 
 // Items (16-byte vectors) per thread, kept in registers so the row is read once; 0 = read the
 // row twice (the second read hits L1). Measured on the H200 over 32768 rows of bf16
-// (scratch/norm_sweep.cu, 2026-11-21): at 4096 wide, 256 threads x 2 items 3.97 TB/s (93% of
+// (bench/norm_sweep.cu, 2026-11-21): at 4096 wide, 256 threads x 2 items 3.97 TB/s (93% of
 // copy) vs 3.84 re-reading; at 8192 wide re-reading with 256 threads 3.91 TB/s vs 3.30 with
 // 4 items and 3.06 with 1024 threads x 1 item. More than two items per thread lost.
 inline int pick_items(int64_t nvec) {

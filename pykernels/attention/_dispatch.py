@@ -19,12 +19,14 @@ _MODULES = {
     "fa": "pykernels.attention.fa",
     "torch": "pykernels.attention.ref",
 }
-# PLACEHOLDER auto orders, to be replaced by the order measured on the H200 (scratch/
-# attention_gpu.py, then `python -m autotune.attention` per shape bucket): until then ours first,
-# FlashInfer as the fallback. Not yet a tuned decision.
-DECODE = Family("paged_decode", dict(_MODULES), auto_order=("cuda", "triton", "fi"))
+# auto, from the H200 run of 2026-11-21 (results/nvidia-h200/attention/): Triton decode is at
+# 0.91-1.14x the faster FlashInfer wrapper on the ANCHORS grid (1.04x at bs=64, 4.31 TB/s);
+# FlashInfer next; the CUDA decode kernel last (0.5x, and it fails to launch for GQA groups >= 8
+# at head_dim 64/128 and >= 5 at 256). Prefill: Triton 0.65x FlashInfer, so FlashInfer first.
+# A per-bucket tuned choice (`python -m autotune.attention`) is still to come (issue 5).
+DECODE = Family("paged_decode", dict(_MODULES), auto_order=("triton", "fi", "cuda"))
 PREFILL = Family("paged_prefill", {k: v for k, v in _MODULES.items() if k != "cuda"},
-                 auto_order=("triton", "fi"))
+                 auto_order=("fi", "triton"))
 APPEND = Family("append_paged_kv", {k: _MODULES[k] for k in ("cuda", "triton", "torch")},
                 auto_order=("cuda", "triton"))
 
