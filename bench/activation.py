@@ -44,13 +44,7 @@ def model_widths(model: str | None) -> list[tuple[int, str]]:
 def make_cases(args: argparse.Namespace) -> list[Case]:
     if args.cpu:
         return [case_for(t, d, args.dtype, "") for t, d in CPU_SHAPES]
-    grid = []
-    if args.shapes in ("default", "models"):
-        widths = model_widths(args.model or ("llama-3-8b" if args.quick else None))
-        tokens = QUICK_TOKENS if args.quick else shapes.TOKENS
-        grid += [(t, d, name) for d, name in widths for t in tokens]
-    if args.shapes in ("default", "large"):
-        grid.append((*LARGE, "large"))
+    grid = cli.token_grid(args, model_widths, LARGE, QUICK_TOKENS)
     return [case_for(t, d, args.dtype, name) for t, d, name in grid]
 
 

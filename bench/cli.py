@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 
 from bench import ceilings as ceilings_mod
-from bench import report, results
+from bench import report, results, shapes
 from bench.timing import Timing, measure, rotation_count
 from pykernels import envs
 
@@ -178,6 +178,22 @@ def load(module: str = "flashinfer") -> ModuleType:
     if isinstance(mod, str):
         raise RuntimeError(mod)
     return mod
+
+
+def token_grid(args: argparse.Namespace, widths: Callable[[str | None], list[tuple[int, str]]],
+               large: tuple[int, int], quick_tokens: tuple[int, ...],
+               quick_model: str = "llama-3-8b") -> list[tuple[int, int, str]]:
+    """(tokens, width, model label) for the usual presets of a row-wise op: `models` crosses each
+    model width (`widths(model or None)`) with the token grid, `large` adds the >= 256 MB shape,
+    `default` both; --quick keeps one model and a few token counts."""
+    grid = []
+    if args.shapes in ("default", "models"):
+        tokens = quick_tokens if args.quick else shapes.TOKENS
+        model = args.model or (quick_model if args.quick else None)
+        grid += [(t, w, name) for w, name in widths(model) for t in tokens]
+    if args.shapes in ("default", "large"):
+        grid.append((*large, "large"))
+    return grid
 
 
 def build_parser(family: Family) -> argparse.ArgumentParser:

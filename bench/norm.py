@@ -51,13 +51,7 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
     if args.cpu:
         grid = [(t, h, "") for t, h in CPU_SHAPES]
     else:
-        grid = []
-        if args.shapes in ("default", "models"):
-            hiddens = model_hiddens(args.model or ("llama-3-8b" if args.quick else None))
-            tokens = QUICK_TOKENS if args.quick else shapes.TOKENS
-            grid += [(t, h, name) for h, name in hiddens for t in tokens]
-        if args.shapes in ("default", "large"):
-            grid.append((*LARGE, "large"))
+        grid = cli.token_grid(args, model_hiddens, LARGE, QUICK_TOKENS)
     return [case_for(k, t, h, args.dtype, name) for k in KERNELS for t, h, name in grid]
 
 
