@@ -207,7 +207,9 @@ def _build_ours(name: str):
 FI_OK = cli.importable("flashinfer")
 PROVIDERS = (
     Provider("triton", _build_ours("triton"), available=_ours_available("triton")),
-    Provider("cuda", _build_ours("cuda"), available=_ours_available("cuda")),
+    # No CUDA prefill kernel (optional in issue 5): the cuda provider runs decode only.
+    Provider("cuda", _build_ours("cuda"), available=_ours_available("cuda"),
+             kernels=("paged_decode",)),
     Provider("fi", build_fi, available=FI_OK, hint=cli.FI_HINT, peer=True),
     Provider("fi-tc", build_fi_tc, backend="fi", available=FI_OK, hint=cli.FI_HINT,
              kernels=("paged_decode",), peer=True),

@@ -78,6 +78,16 @@ def test_split_run_and_sub_floor_moves_pass(root):
     assert not _check(root).passed
 
 
+def test_runs_timed_differently_are_not_compared(root):
+    write_fake_run(root, 1, grid())
+    write_fake_run(root, 2, grid(cuda_4096=5.0))
+    df = results.read_results(root)
+    df.loc[df.run_id == df.run_id.max(), "method"] = "events"  # baseline was replayed
+    report = regress.check(df)
+    assert report.passed and report.method_changed == len(grid())
+    assert "timed differently (not compared)" in report.summary()
+
+
 def test_single_run_and_no_results_pass(root):
     assert _check(root).passed
     assert _check(root).summary() == "check passed: no results to check"
