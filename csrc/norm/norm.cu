@@ -10,18 +10,21 @@
 namespace pykernels {
 
 // Items (16-byte vectors) per thread, kept in registers so the row is read once; 0 = read the
-// row twice (the second read hits L1). Measured on the H200 over 32768 rows of bf16
-// (bench/norm_sweep.cu, 2026-11-21): at 4096 wide, 256 threads x 2 items 3.97 TB/s (93% of
-// copy) vs 3.84 re-reading; at 8192 wide re-reading with 256 threads 3.91 TB/s vs 3.30 with
-// 4 items and 3.06 with 1024 threads x 1 item. More than two items per thread lost.
+// row twice (the second read hits L1). Measured over 32768 rows of bf16 with bench/norm_sweep.cu
+// (2026-11-21), TB/s and % of copy:
+//   4096 wide, 256 threads x 2 items: H200 3.97 (93%), H100 2.89 (96%)
+//   8192 wide, 512 threads x 2 items: H200 3.78 (89%), H100 2.97 (99%)
+//              256 threads re-reading: H200 3.91 (92%), H100 2.17 (72%): not portable
+//              512 threads re-reading: H200 3.84 (90%), H100 2.97 (99%): used past 8192
+// Four or more items per thread, and 1024-thread blocks, lost on both.
 inline int pick_items(int64_t nvec) {
   if (nvec <= 256) return 1;
-  if (nvec <= 512) return 2;
+  if (nvec <= 1024) return 2;
   return 0;
 }
 
 inline int pick_threads(int64_t nvec, int items) {
-  if (items == 0) return 256;  // 8 rows per SM in flight: 3.91 TB/s above vs 2.96 at 1024
+  if (items == 0) return 512;
   const int64_t per_thread = (nvec + items - 1) / items;
   return (int)std::max<int64_t>(32, (per_thread + 31) / 32 * 32);
 }
