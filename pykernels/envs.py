@@ -79,11 +79,6 @@ def all_vars() -> list[EnvVar]:
     return list(_REGISTRY.values())
 
 
-def is_set(name: str) -> bool:
-    """True when the user set the variable (or an alias) to a non-empty value."""
-    return _REGISTRY[name].raw() is not None
-
-
 def __getattr__(name: str) -> Any:
     var = _REGISTRY.get(name)
     if var is None:
