@@ -1,4 +1,4 @@
-// Launcher of paged_decode: input checks, heads per CTA, template dispatch, shared-memory opt-in.
+// Launcher of paged_decode: input checks, template dispatch, shared-memory opt-in.
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,24 +24,16 @@ namespace attention {
     case 256: { constexpr int kD = 256; __VA_ARGS__; break; }                            \
     default: TORCH_CHECK_VALUE(false, "head_dim must be 64, 128 or 256, got ", D);        \
   }
-// q heads per CTA, a power of two >= the heads of a chunk; group 1 (MHA) runs with one idle head.
-#define PK_DISPATCH_HEADS(H, ...)                                                        \
-  switch (H) {                                                                           \
-    case 2: { constexpr int kH = 2; __VA_ARGS__; break; }                                \
-    case 4: { constexpr int kH = 4; __VA_ARGS__; break; }                                \
-    default: { constexpr int kH = 8; __VA_ARGS__; }                                      \
-  }
-
-inline int heads_per_cta(int per_chunk) { return per_chunk <= 2 ? 2 : per_chunk <= 4 ? 4 : 8; }
-
-template <typename T, typename KV, int D, int H>
+template <typename T, typename KV, int D>
 void launch_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  using S = DecodeShape<D, H, sizeof(KV)>;
-  auto kernel = paged_decode_kernel<T, KV, D, H>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in, once per device.
+  using S = DecodeShape<D, sizeof(KV)>;
+  auto kernel = paged_decode_kernel<T, KV, D>;
+  // Every configuration needs >= 48 KB of dynamic shared memory (plus the static arrival flag):
+  // opt in once per device. 48 KB exactly without the opt-in failed to launch ("invalid argument").
   static bool opted_in[64] = {};
   const int dev = c10::cuda::current_device();
-  if (S::kSmemBytes > 48 * 1024 && !opted_in[dev]) {
+  TORCH_CHECK(dev < 64, "paged_decode supports device ordinals < 64, got ", dev);
+  if (!opted_in[dev]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         S::kSmemBytes));
     opted_in[dev] = true;
@@ -115,8 +107,7 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
   TORCH_CHECK_VALUE(num_splits >= 1 && num_splits <= kMaxSplits, "num_splits must be in 1..",
                     kMaxSplits, ", got ", num_splits);
   const int group = (int)(hq / hkv);
-  const int chunks = (group + 7) / 8;
-  const int per_chunk = (group + chunks - 1) / chunks;
+  const int chunks = (group + 15) / 16;  // 16 q heads per CTA (the mma's rows)
   if (num_splits > 1) {
     check_workspace(partial_o, "partial_o", at::kFloat, batch * hq * num_splits * q.size(2), q);
     check_workspace(partial_lse, "partial_lse", at::kFloat, batch * hq * num_splits, q);
@@ -161,13 +152,11 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
   const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
   PK_DISPATCH_HALF(q.scalar_type(), {
     PK_DISPATCH_HEAD_DIM(q.size(2), {
-      PK_DISPATCH_HEADS(heads_per_cta(per_chunk), {
-        if (fp8) {
-          launch_decode<scalar_t, __nv_fp8_e4m3, kD, kH>(p, grid, stream);
-        } else {
-          launch_decode<scalar_t, scalar_t, kD, kH>(p, grid, stream);
-        }
-      });
+      if (fp8) {
+        launch_decode<scalar_t, __nv_fp8_e4m3, kD>(p, grid, stream);
+      } else {
+        launch_decode<scalar_t, scalar_t, kD>(p, grid, stream);
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,6 +1,5 @@
-// Paged decode attention, split-KV, on CUDA cores (design notes in decode_utils.cuh). Torch-free:
-// the launcher in decode.cu checks inputs and picks T (q/out type), KV (cache type), HEAD_DIM
-// and HEADS (q heads per CTA).
+// Paged decode attention, split-KV, on tensor cores (design notes in decode_utils.cuh). Torch-free:
+// the launcher in decode.cu checks inputs and picks T (q/out type), KV (cache type) and HEAD_DIM.
 #pragma once
 
 #include "decode_utils.cuh"
@@ -8,98 +7,99 @@
 namespace pykernels {
 namespace attention {
 
-// Scores of one tile slice of this warp, the online-softmax update, then p.V.
-template <typename KV, int HEAD_DIM, int HEADS>
-__device__ __forceinline__ void compute_tile(const DecodeParams& p, const char* stage, int t0,
-                                             int hi, const float (&q)[HEADS][8],
-                                             float (&m)[HEADS], float (&l)[HEADS],
-                                             float (&o)[HEADS][8], int warp, int rg, int dim0) {
-  using S = DecodeShape<HEAD_DIM, HEADS, sizeof(KV)>;
-  constexpr int kLpr = S::kLanesPerRow;
-  const int first_row = warp * S::kRowsPerStep * S::kSteps + rg;
-  const char* k_tile = stage + dim0 * (int)sizeof(KV);
-  const char* v_tile = k_tile + S::kTile * S::kRowBytes;
-  float s[S::kSteps][HEADS];
-#pragma unroll
-  for (int j = 0; j < S::kSteps; ++j) {
-    const int row = first_row + j * S::kRowsPerStep;
-    float kf[8];
-    load8<KV>(k_tile + row * S::kRowBytes, kf);
-#pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-      float acc = 0.0f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc = fmaf(q[h][e], kf[e], acc);
-      s[j][h] = acc;
-    }
-#pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-#pragma unroll
-      for (int off = kLpr / 2; off > 0; off >>= 1) {
-        s[j][h] += __shfl_xor_sync(0xffffffffu, s[j][h], off);
-      }
-    }
-    const bool valid = t0 + row < hi;
-#pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-      const float x = p.cap_scale > 0.0f ? p.cap_scale * tanhf(s[j][h]) : s[j][h];
-      s[j][h] = valid ? x : -INFINITY;
-    }
-  }
-#pragma unroll
-  for (int h = 0; h < HEADS; ++h) {
-    float mx = m[h];
-#pragma unroll
-    for (int j = 0; j < S::kSteps; ++j) mx = fmaxf(mx, s[j][h]);
-    const float mu = safe_max(mx);
-    const float alpha = exp2f(m[h] - mu);
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < S::kSteps; ++j) {
-      s[j][h] = exp2f(s[j][h] - mu);
-      sum += s[j][h];
-    }
-    l[h] = l[h] * alpha + sum;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) o[h][e] *= alpha;
-    m[h] = mx;
-  }
-#pragma unroll
-  for (int j = 0; j < S::kSteps; ++j) {
-    float vf[8];
-    load8<KV>(v_tile + (first_row + j * S::kRowsPerStep) * S::kRowBytes, vf);
-#pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[h][e] = fmaf(s[j][h], vf[e], o[h][e]);
-    }
+// q heads [qh0, qh0 + heads) as the 16 swizzled rows of q_s (rows past `heads` zero). Scalar loads:
+// q rows need not start 16-byte aligned, and q is 4 KB against a split's >= 64 KB of K/V.
+template <typename T, typename S>
+__device__ __forceinline__ void load_q(char* q_s, const DecodeParams& p, int b, int qh0,
+                                       int heads) {
+  constexpr int kD = S::kWideRowBytes / 2;
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_b;
+  for (int i = threadIdx.x; i < S::kRows * kD; i += S::kThreads) {
+    const int r = i / kD, d = i % kD;
+    const T x = r < heads ? qb[(qh0 + r) * p.q_stride_h + d] : from_float<T>(0.0f);
+    *reinterpret_cast<T*>(q_s + swizzle<S::kWideRowBytes>(r, d / 8) + (d % 8) * 2) = x;
   }
 }
 
-// Row groups of a warp hold states over different tokens: merge them across lanes.
-template <int HEADS, int LPR>
-__device__ __forceinline__ void merge_row_groups(float (&m)[HEADS], float (&l)[HEADS],
-                                                 float (&o)[HEADS][8]) {
+// One warp's 16 keys [key0, key0 + 16) of a tile: S = Q K^T, the online-softmax update of the two
+// rows this lane holds (g and g + 8), then O += P V. Keys >= hi are masked.
+template <typename T, typename S, int HEAD_DIM>
+__device__ __forceinline__ void attend_keys(const DecodeParams& p, const char* q_s,
+                                            const char* k_s, const char* v_s, int row0, int key0,
+                                            int hi, float (&m)[2], float (&l)[2],
+                                            float (&o)[HEAD_DIM / 8][4]) {
+  constexpr int kRB = S::kWideRowBytes;
+  const int lane = threadIdx.x % 32;
+  const int j = lane / 8, r8 = lane % 8, g = lane / 4, t = lane % 4;
+  float s[2][4] = {};
 #pragma unroll
-  for (int off = LPR; off < 32; off <<= 1) {
+  for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+    uint32_t a[4], kb[4];
+    ldmatrix_x4(a, q_s + swizzle<kRB>((j % 2) * 8 + r8, ks * 2 + j / 2));
+    ldmatrix_x4(kb, k_s + swizzle<kRB>(row0 + (j / 2) * 8 + r8, ks * 2 + j % 2));
+    mma_16816<T>(s[0], a, kb[0], kb[1]);
+    mma_16816<T>(s[1], a, kb[2], kb[3]);
+  }
+  float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m[h], off);
-      const float l2 = __shfl_xor_sync(0xffffffffu, l[h], off);
-      float o2[8];
+  for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) o2[e] = __shfl_xor_sync(0xffffffffu, o[h][e], off);
-      merge_state<8>(m[h], l[h], o[h], m2, l2, o2);
+    for (int e = 0; e < 4; ++e) {
+      const float x = p.cap_scale > 0.0f ? p.cap_scale * tanhf(s[nt][e] * p.qk_scale)
+                                         : s[nt][e] * p.qk_scale;
+      s[nt][e] = key0 + nt * 8 + 2 * t + (e & 1) < hi ? x : -INFINITY;
+      mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
     }
+  }
+  float base[2], alpha[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // the row's max over the quad of lanes that share it
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    const float m_new = fmaxf(m[i], mx[i]);
+    base[i] = safe_max(m_new);
+    alpha[i] = exp2f(m[i] - base[i]);
+    m[i] = m_new;
+    l[i] *= alpha[i];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+      l[e >> 1] += s[nt][e];  // this lane's share; the quad is summed once at the end
+    }
+  }
+#pragma unroll
+  for (int dt = 0; dt < HEAD_DIM / 8; ++dt) {
+    o[dt][0] *= alpha[0];
+    o[dt][1] *= alpha[0];
+    o[dt][2] *= alpha[1];
+    o[dt][3] *= alpha[1];
+  }
+  // The accumulator layout of S is the A-operand layout of P (rows g, g + 8; keys 2t.. of each
+  // 8-key half), so P is only rounded to T and packed.
+  const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                          pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+  for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
+    uint32_t vb[4];
+    ldmatrix_x4_trans(vb, v_s + swizzle<kRB>(row0 + (j % 2) * 8 + r8, dp * 2 + j / 2));
+    mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+    mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
   }
 }
 
-template <typename T, typename KV, int HEAD_DIM, int HEADS>
+template <typename T, typename KV, int HEAD_DIM>
 __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams p) {
-  using S = DecodeShape<HEAD_DIM, HEADS, sizeof(KV)>;
+  using S = DecodeShape<HEAD_DIM, sizeof(KV)>;
+  constexpr bool kFp8 = sizeof(KV) == 1;
   static_assert(S::kThreads == 128, "launch bounds assume 4 warps");
   extern __shared__ __align__(16) char smem[];
   __shared__ int is_last;
+  char* q_s = smem;
+  char* pipe = smem + S::kQBytes;
+  char* wide = pipe + S::kStages * S::kStageBytes;  // fp8: the current tile widened
   const int split = blockIdx.x;
   const int kvh = blockIdx.y / p.head_chunks;
   const int per_chunk = (p.group + p.head_chunks - 1) / p.head_chunks;
@@ -107,18 +107,7 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
   const int heads = min(per_chunk, kvh * p.group + p.group - qh0);
   const int b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rg = lane / S::kLanesPerRow;
-  const int dim0 = (lane % S::kLanesPerRow) * S::kVec;
-
-  float q[HEADS][8];
-  const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_b + dim0;
-#pragma unroll
-  for (int h = 0; h < HEADS; ++h) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      q[h][e] = h < heads ? to_float(qb[(qh0 + h) * p.q_stride_h + e]) * p.qk_scale : 0.0f;
-    }
-  }
+  load_q<T, S>(q_s, p, b, qh0, heads);
 
   const int page_lo = p.kv_indptr[b];
   const int n_pages = p.kv_indptr[b + 1] - page_lo;
@@ -131,13 +120,12 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
   const int num_tiles = hi > lo ? (hi - lo + S::kTile - 1) / S::kTile : 0;
   const int* pages = p.kv_indices + page_lo;
 
-  float m[HEADS], l[HEADS], o[HEADS][8];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[HEAD_DIM / 8][4];
 #pragma unroll
-  for (int h = 0; h < HEADS; ++h) {
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
+  for (int dt = 0; dt < HEAD_DIM / 8; ++dt) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) o[h][e] = 0.0f;
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
   }
 
   // Prologue: the first kStages - 1 tiles in flight (their page indices fetched together first).
@@ -149,46 +137,57 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
 #pragma unroll
   for (int st = 0; st < S::kStages - 1; ++st) {
     if (st < num_tiles) {
-      issue_tile<S, sizeof(KV)>(smem + st * S::kStageBytes, ahead[st], p, kvh,
+      issue_tile<S, sizeof(KV)>(pipe + st * S::kStageBytes, ahead[st], p, kvh,
                                 lo + st * S::kTile);
     }
     cp_async_commit();
   }
+  constexpr int kTileRowBytes = kFp8 ? S::kWideRowBytes : S::kRowBytes;
   for (int i = 0; i < num_tiles; ++i) {
     cp_async_wait<S::kStages - 2>();
     __syncthreads();  // tile i landed for all threads; tile i - 1's stage is free again
     const int next = i + S::kStages - 1;
     TileRows<S> rows;
     if (next < num_tiles) fetch_pages<S>(rows, p, pages, lo + next * S::kTile, hi);
-    compute_tile<KV, HEAD_DIM, HEADS>(p, smem + (i % S::kStages) * S::kStageBytes,
-                                      lo + i * S::kTile, hi, q, m, l, o, warp, rg, dim0);
+    const char* tile = pipe + (i % S::kStages) * S::kStageBytes;
+    if constexpr (kFp8) {
+      widen_tile<T, S>(wide, tile);
+      __syncthreads();
+      tile = wide;
+    }
+    attend_keys<T, S, HEAD_DIM>(p, q_s, tile, tile + S::kTile * kTileRowBytes,
+                                warp * S::kKeysPerWarp,
+                                lo + i * S::kTile + warp * S::kKeysPerWarp, hi, m, l, o);
     if (next < num_tiles) {
-      issue_tile<S, sizeof(KV)>(smem + (next % S::kStages) * S::kStageBytes, rows, p, kvh,
+      issue_tile<S, sizeof(KV)>(pipe + (next % S::kStages) * S::kStageBytes, rows, p, kvh,
                                 lo + next * S::kTile);
     }
     cp_async_commit();
   }
   cp_async_wait<0>();
-  merge_row_groups<HEADS, S::kLanesPerRow>(m, l, o);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
   __syncthreads();  // the pipeline's shared memory becomes the merge area
 
-  float* sm_m = reinterpret_cast<float*>(smem);  // [warps][HEADS]
-  float* sm_l = sm_m + S::kWarps * HEADS;        // [warps][HEADS]
-  float* sm_o = sm_l + S::kWarps * HEADS;        // [warps][HEADS][HEAD_DIM]
-  float* weights = sm_o + S::kWarps * HEADS * HEAD_DIM;  // [HEADS][kMaxSplits]
-  if (lane < S::kLanesPerRow) {
-#pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sm_o[(warp * HEADS + h) * HEAD_DIM + dim0 + e] = o[h][e];
-    }
+  float* sm_m = reinterpret_cast<float*>(pipe);  // [warps][kRows]
+  float* sm_l = sm_m + S::kWarps * S::kRows;     // [warps][kRows]
+  float* sm_o = sm_l + S::kWarps * S::kRows;     // [warps][kRows][HEAD_DIM]
+  float* weights = sm_o + S::kWarps * S::kRows * HEAD_DIM;  // [kRows][kMaxSplits]
+  const int g = lane / 4, t = lane % 4;
+  if (t == 0) {
+    sm_m[warp * S::kRows + g] = m[0];
+    sm_m[warp * S::kRows + g + 8] = m[1];
+    sm_l[warp * S::kRows + g] = l[0];
+    sm_l[warp * S::kRows + g + 8] = l[1];
   }
-  if (lane == 0) {
 #pragma unroll
-    for (int h = 0; h < HEADS; ++h) {
-      sm_m[warp * HEADS + h] = m[h];
-      sm_l[warp * HEADS + h] = l[h];
-    }
+  for (int dt = 0; dt < HEAD_DIM / 8; ++dt) {
+    float* row = sm_o + (warp * S::kRows + g) * HEAD_DIM + dt * 8 + 2 * t;
+    *reinterpret_cast<float2*>(row) = make_float2(o[dt][0], o[dt][1]);
+    *reinterpret_cast<float2*>(row + 8 * HEAD_DIM) = make_float2(o[dt][2], o[dt][3]);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < heads * HEAD_DIM; i += S::kThreads) {
@@ -196,14 +195,14 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
     float mm = -INFINITY, ll = 0.0f, oo = 0.0f;
 #pragma unroll
     for (int w = 0; w < S::kWarps; ++w) {
-      const float m2 = sm_m[w * HEADS + h];
-      const float l2 = sm_l[w * HEADS + h];
-      const float o2[1] = {sm_o[(w * HEADS + h) * HEAD_DIM + d]};
+      const float m2 = sm_m[w * S::kRows + h];
+      const float l2 = sm_l[w * S::kRows + h];
+      const float o2[1] = {sm_o[(w * S::kRows + h) * HEAD_DIM + d]};
       float o1[1] = {oo};
       merge_state<1>(mm, ll, o1, m2, l2, o2);
       oo = o1[0];
     }
-    write_result<T, HEAD_DIM, HEADS>(p, b, qh0, split, h, d, mm, ll, oo);
+    write_result<T, HEAD_DIM>(p, b, qh0, split, h, d, mm, ll, oo);
   }
   if (p.num_splits == 1) return;
 
@@ -215,7 +214,7 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  merge_splits<T, HEAD_DIM, HEADS, S::kThreads>(p, weights, b, qh0, heads);
+  merge_splits<T, HEAD_DIM, S::kThreads>(p, weights, b, qh0, heads);
   if (threadIdx.x == 0) p.counters[counter] = 0;  // ready for the next launch (graph replays)
 }
 

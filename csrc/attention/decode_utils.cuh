@@ -1,16 +1,17 @@
-// Helpers of the paged decode kernel (decode.cuh): parameters, tile geometry, conversions,
-// the tile loader and the result/merge steps. Torch-free.
+// Helpers of the paged decode kernel (decode.cuh): parameters, tile geometry, the tile loader,
+// fp8 conversion and the result/merge steps. Torch-free.
 //
 // Design of the kernel:
-// One CTA per (split, kv head x head chunk, request) handles the HEADS q heads that share a kv
-// head, so each K/V row is read once for the whole GQA group. K/V tiles of TILE tokens stream
-// into shared memory through a STAGES-deep cp.async pipeline (16-byte copies, gathered through the
-// page table). Each warp then takes its slice of the tile: a lane owns 8 dims of a row, so a row of
-// head_dim d spans LPR = d / 8 lanes and a warp covers 32 / LPR rows per step; q.k is reduced over
-// those lanes with shuffles, p.V accumulates in registers. Every row group keeps its own fp32
-// online softmax (log2 domain) and the states are merged at the end: lanes, then warps (shared
-// memory), then splits (the last CTA of a request's splits to finish merges them, so no second
-// kernel is launched: a counter per (request, head group) counts arrivals and is reset to 0).
+// One CTA (4 warps) per (split, kv head x head chunk, request) handles up to 16 q heads that share a
+// kv head, so each K/V row is read once for the whole GQA group. K/V tiles of 64 tokens stream into
+// shared memory through a STAGES-deep cp.async pipeline (16-byte copies gathered through the page
+// table, stored with an XOR swizzle so ldmatrix is bank-conflict free). Each warp takes 16 keys of a
+// tile and computes on tensor cores (mma.sync m16n8k16): S = Q K^T with the q heads as the 16 rows
+// (padded), an fp32 online softmax in the log2 domain on the accumulator fragment, then O += P V
+// with P re-packed from the accumulator as the A operand. The 4 warps' states are merged in shared
+// memory, then the splits: the last CTA of a request's splits to finish merges them (a counter per
+// (request, head chunk) counts arrivals and is reset to 0), so no second kernel is launched.
+// An fp8 cache lands raw in shared memory and is widened to q's type in a conversion pass per tile.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,6 +22,7 @@
 
 #include "../common/vec.cuh"
 #include "async_copy.cuh"
+#include "mma.cuh"
 
 namespace pykernels {
 namespace attention {
@@ -45,67 +47,68 @@ struct DecodeParams {
   float v_scale;
 };
 
-// Tile geometry. A stage holds TILE rows of K then TILE rows of V: 32 KB for a 16-bit cache at any
-// head_dim with HEADS <= 4, so 3 stages (96 KB) let 2 CTAs share an SM (228 KB).
-template <int HEAD_DIM, int HEADS, int KV_BYTES>
+// Tile geometry. A stage holds kTile rows of K then kTile rows of V as stored in the cache (16-bit
+// rows swizzled, fp8 rows raw). 16-bit cache, head_dim 128: 32 KB per stage, 3 stages + 4 KB of q =
+// 100 KB, so 2 CTAs share an SM (228 KB); head_dim 256 keeps 2 stages (132 KB, 1 CTA per SM).
+template <int HEAD_DIM, int KV_BYTES>
 struct DecodeShape {
-  static constexpr int kVec = 8;                     // elements of a row per lane
-  static constexpr int kLanesPerRow = HEAD_DIM / kVec;  // 8, 16, 32
-  static constexpr int kRowsPerStep = 32 / kLanesPerRow;
-  static constexpr int kSteps = HEADS <= 4 ? 8 : 4;  // scores kept: kSteps * HEADS registers
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kTile = kWarps * kRowsPerStep * kSteps;
-  static constexpr int kStages = 3;
-  static constexpr int kRowBytes = HEAD_DIM * KV_BYTES;
+  static constexpr int kRows = 16;          // q heads per CTA: the mma M dimension
+  static constexpr int kKeysPerWarp = 16;   // the k dimension of P V
+  static constexpr int kTile = kWarps * kKeysPerWarp;
+  static constexpr int kStages = HEAD_DIM >= 256 ? 2 : HEAD_DIM >= 128 ? 3 : 4;
+  static constexpr int kRowBytes = HEAD_DIM * KV_BYTES;  // a cache row as stored
   static constexpr int kChunks = kRowBytes / 16;
   static constexpr int kPerThread = kTile * kChunks / kThreads;  // 16-byte copies per thread
   static_assert(kTile * kChunks % kThreads == 0, "a tile splits evenly over the threads");
   static constexpr int kStageBytes = 2 * kTile * kRowBytes;
-  static constexpr int kMergeBytes = (kWarps * HEADS * (HEAD_DIM + 2) + HEADS * kMaxSplits) * 4;
-  static constexpr int kSmemBytes =
-      kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
+  static constexpr int kWideRowBytes = HEAD_DIM * 2;  // a row widened to 16 bits
+  static constexpr int kWideChunks = kWideRowBytes / 16;  // >= 8: the swizzle permutes 8 chunks
+  static constexpr int kQBytes = kRows * kWideRowBytes;
+  static constexpr int kConvBytes = KV_BYTES == 1 ? 2 * kTile * kWideRowBytes : 0;
+  static constexpr int kPipeBytes = kStages * kStageBytes + kConvBytes;
+  static constexpr int kMergeBytes = (kWarps * kRows * (HEAD_DIM + 2) + kRows * kMaxSplits) * 4;
+  static constexpr int kSmemBytes = kQBytes + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
 };
 
-// 8 cache elements as floats.
-template <typename KV>
-__device__ __forceinline__ void load8(const char* src, float (&f)[8]);
-
-template <>
-__device__ __forceinline__ void load8<__nv_bfloat16>(const char* src, float (&f)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = __bfloat1622float2(h[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled 16-bit tile: XOR-ing the chunk
+// with row % 8 puts the 8 rows an ldmatrix reads in 8 different bank groups.
+template <int ROW_BYTES>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * ROW_BYTES + ((chunk ^ (row & 7)) << 4);
 }
 
-template <>
-__device__ __forceinline__ void load8<__half>(const char* src, float (&f)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 x = __half22float2(h[i]);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
-  }
-}
+// 8 fp8 values as 8 16-bit T values (one 16-byte chunk).
+template <typename T>
+__device__ __forceinline__ uint4 widen_fp8x8(uint2 raw);
 
 template <>
-__device__ __forceinline__ void load8<__nv_fp8_e4m3>(const char* src, float (&f)[8]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(src);
+__device__ __forceinline__ uint4 widen_fp8x8<__half>(uint2 raw) {
   const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+  uint4 out;
+  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const __half2 h = __half2(__nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3));
-    const float2 x = __half22float2(h);
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3);
+    o[i] = *reinterpret_cast<const uint32_t*>(&h);
   }
+  return out;
+}
+
+template <>
+__device__ __forceinline__ uint4 widen_fp8x8<__nv_bfloat16>(uint2 raw) {
+  const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
+  uint4 out;
+  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // e4m3 -> half -> float -> bf16 is exact: e4m3 has 3 mantissa bits and exponents in -9..8.
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3)));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    o[i] = *reinterpret_cast<const uint32_t*>(&b);
+  }
+  return out;
 }
 
 __device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.0f : m; }
@@ -141,7 +144,8 @@ __device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParam
   }
 }
 
-// Issues the cp.async copies of a tile's K and V rows (rows past hi are zero-filled).
+// Issues the cp.async copies of a tile's K and V rows (rows past hi are zero-filled, so P V never
+// meets garbage). 16-bit rows land swizzled for ldmatrix; fp8 rows land raw for the widening pass.
 template <typename S, int KV_BYTES>
 __device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
                                            const DecodeParams& p, int kvh, int t0) {
@@ -157,15 +161,29 @@ __device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
     const int64_t elem = (int64_t)rows.page[i] * p.stride_page + (int64_t)slot * p.stride_tok +
                          (int64_t)kvh * p.stride_head;
     const char* src = valid ? base + elem * KV_BYTES + col * 16 : base;
-    char* dst = stage + r * S::kRowBytes + col * 16;
+    const int off = KV_BYTES == 2 ? swizzle<S::kRowBytes>(r, col) : r * S::kRowBytes + col * 16;
+    char* dst = stage + off;
     cp_async_16(dst, src, valid);
     cp_async_16(dst + S::kTile * S::kRowBytes, valid ? src + p.stride_kv * KV_BYTES : base, valid);
   }
 }
 
+// Widens a landed fp8 stage (K rows then V rows, raw) into the swizzled 16-bit layout at `wide`.
+template <typename T, typename S>
+__device__ __forceinline__ void widen_tile(char* wide, const char* stage) {
+  constexpr int kUnits = 2 * S::kTile * S::kWideChunks;  // 16-byte output chunks
+#pragma unroll 4
+  for (int u = threadIdx.x; u < kUnits; u += S::kThreads) {
+    const int r = u / S::kWideChunks;  // rows 0..kTile-1 are K, kTile.. are V
+    const int c = u % S::kWideChunks;
+    const uint2 raw = *reinterpret_cast<const uint2*>(stage + r * S::kRowBytes + c * 8);
+    *reinterpret_cast<uint4*>(wide + swizzle<S::kWideRowBytes>(r, c)) = widen_fp8x8<T>(raw);
+  }
+}
+
 // Final normalization of one (head, dim) output of this CTA, then either the output itself (one
 // split) or the split's partial (normalized output + log2-sum-exp).
-template <typename T, int HEAD_DIM, int HEADS>
+template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void write_result(const DecodeParams& p, int b, int qh0, int split,
                                              int h, int d, float m, float l, float o) {
   const float r = l > 0.0f ? o / l : 0.0f;
@@ -188,7 +206,7 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // The last CTA of a (request, head group) to finish merges every split's partial. Each step
 // keeps many L2 loads in flight (a serial loop over splits would pay one L2 latency per split).
-template <typename T, int HEAD_DIM, int HEADS, int THREADS>
+template <typename T, int HEAD_DIM, int THREADS>
 __device__ void merge_splits(const DecodeParams& p, float* weights, int b, int qh0, int heads) {
   const int S = p.num_splits;
   const int64_t row0 = ((int64_t)b * p.num_q_heads + qh0) * S;  // head h, split s: row0 + h*S + s

@@ -38,7 +38,7 @@ def decode_plan(spec: _common.Spec, batch: int, total_pages: int, config: dict |
     splits = (config or {}).get("num_splits", 0)
     if not splits:
         avg_len = total_pages * spec.page_size / max(batch, 1)
-        chunks = -(-spec.group // 8)
+        chunks = -(-spec.group // 16)  # 16 q heads per CTA (csrc/attention/decode.cuh)
         splits = _common.choose_splits(batch, spec.num_kv_heads * chunks, avg_len,
                                        _common.sm_count(spec.device))
     return {"num_splits": int(min(splits, _common.MAX_SPLITS))}
