@@ -125,6 +125,9 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
   p.kv_indptr = kv_indptr.data_ptr<int>();
   p.kv_indices = kv_indices.data_ptr<int>();
   p.kv_last_page_len = kv_last_page_len.data_ptr<int>();
+  const int64_t qe = q.element_size();
+  p.q_aligned = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
+                (q.stride(0) * qe) % 16 == 0 && (q.stride(1) * qe) % 16 == 0;
   p.q_stride_b = q.stride(0);
   p.q_stride_h = q.stride(1);
   p.o_stride_b = out.stride(0);

@@ -7,13 +7,22 @@
 namespace pykernels {
 namespace attention {
 
-// q heads [qh0, qh0 + heads) as the 16 swizzled rows of q_s (rows past `heads` zero). Scalar loads:
-// q rows need not start 16-byte aligned, and q is 4 KB against a split's >= 64 KB of K/V.
+// q heads [qh0, qh0 + heads) as the 16 swizzled rows of q_s (rows past `heads` zero). With 16-byte
+// aligned rows (the launcher checks) through cp.async, so q arrives with the first K/V tile instead
+// of stalling the threads before the page-table loads; else element by element.
 template <typename T, typename S>
 __device__ __forceinline__ void load_q(char* q_s, const DecodeParams& p, int b, int qh0,
                                        int heads) {
   constexpr int kD = S::kWideRowBytes / 2;
   const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_b;
+  if (p.q_aligned) {
+    for (int c = threadIdx.x; c < S::kRows * S::kWideChunks; c += S::kThreads) {
+      const int r = c / S::kWideChunks, col = c % S::kWideChunks;
+      const T* src = r < heads ? qb + (qh0 + r) * p.q_stride_h + col * 8 : qb;
+      cp_async_16(q_s + swizzle<S::kWideRowBytes>(r, col), src, r < heads);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < S::kRows * kD; i += S::kThreads) {
     const int r = i / kD, d = i % kD;
     const T x = r < heads ? qb[(qh0 + r) * p.q_stride_h + d] : from_float<T>(0.0f);
@@ -107,8 +116,6 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
   const int heads = min(per_chunk, kvh * p.group + p.group - qh0);
   const int b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_q<T, S>(q_s, p, b, qh0, heads);
-
   const int page_lo = p.kv_indptr[b];
   const int n_pages = p.kv_indptr[b + 1] - page_lo;
   const int kv_len = n_pages > 0 ? (n_pages - 1) * p.page_size + p.kv_last_page_len[b] : 0;
@@ -119,6 +126,7 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
   const int hi = min(lo + per_split, kv_len);
   const int num_tiles = hi > lo ? (hi - lo + S::kTile - 1) / S::kTile : 0;
   const int* pages = p.kv_indices + page_lo;
+  load_q<T, S>(q_s, p, b, qh0, heads);  // joins the first cp.async group below
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[HEAD_DIM / 8][4];
@@ -128,27 +136,36 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
     for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
   }
 
-  // Prologue: the first kStages - 1 tiles in flight (their page indices fetched together first).
-  TileRows<S> ahead[S::kStages - 1];
+  // Prologue: the first kStages - 1 tiles in flight (their page indices fetched together first),
+  // and the page indices of the tile after them.
+  TileRows<S> rows[S::kStages - 1];
 #pragma unroll
   for (int st = 0; st < S::kStages - 1; ++st) {
-    if (st < num_tiles) fetch_pages<S>(ahead[st], p, pages, lo + st * S::kTile, hi);
+    if (st < num_tiles) fetch_pages<S>(rows[st], p, pages, lo + st * S::kTile, hi);
   }
 #pragma unroll
   for (int st = 0; st < S::kStages - 1; ++st) {
     if (st < num_tiles) {
-      issue_tile<S, sizeof(KV)>(pipe + st * S::kStageBytes, ahead[st], p, kvh,
-                                lo + st * S::kTile);
+      issue_tile<S, sizeof(KV)>(pipe + st * S::kStageBytes, rows[st], p, kvh, lo + st * S::kTile);
     }
     cp_async_commit();
+  }
+  TileRows<S>& upcoming = rows[0];  // page indices of tile i + kStages - 1, one tile early
+  if (S::kStages - 1 < num_tiles) {
+    fetch_pages<S>(upcoming, p, pages, lo + (S::kStages - 1) * S::kTile, hi);
   }
   constexpr int kTileRowBytes = kFp8 ? S::kWideRowBytes : S::kRowBytes;
   for (int i = 0; i < num_tiles; ++i) {
     cp_async_wait<S::kStages - 2>();
     __syncthreads();  // tile i landed for all threads; tile i - 1's stage is free again
+    // Refill the freed stage before computing, so kStages - 1 tiles stay in flight meanwhile.
     const int next = i + S::kStages - 1;
-    TileRows<S> rows;
-    if (next < num_tiles) fetch_pages<S>(rows, p, pages, lo + next * S::kTile, hi);
+    if (next < num_tiles) {
+      issue_tile<S, sizeof(KV)>(pipe + (next % S::kStages) * S::kStageBytes, upcoming, p, kvh,
+                                lo + next * S::kTile);
+    }
+    cp_async_commit();
+    if (next + 1 < num_tiles) fetch_pages<S>(upcoming, p, pages, lo + (next + 1) * S::kTile, hi);
     const char* tile = pipe + (i % S::kStages) * S::kStageBytes;
     if constexpr (kFp8) {
       widen_tile<T, S>(wide, tile);
@@ -158,11 +175,6 @@ __global__ void __launch_bounds__(128, 2) paged_decode_kernel(const DecodeParams
     attend_keys<T, S, HEAD_DIM>(p, q_s, tile, tile + S::kTile * kTileRowBytes,
                                 warp * S::kKeysPerWarp,
                                 lo + i * S::kTile + warp * S::kKeysPerWarp, hi, m, l, o);
-    if (next < num_tiles) {
-      issue_tile<S, sizeof(KV)>(pipe + (next % S::kStages) * S::kStageBytes, rows, p, kvh,
-                                lo + next * S::kTile);
-    }
-    cp_async_commit();
   }
   cp_async_wait<0>();
 #pragma unroll

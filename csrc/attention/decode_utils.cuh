@@ -42,6 +42,7 @@ struct DecodeParams {
   int64_t q_stride_b, q_stride_h, o_stride_b, o_stride_h;
   int64_t stride_page, stride_kv, stride_tok, stride_head;  // cache strides, elements
   int num_q_heads, group, head_chunks, page_size, page_shift, num_splits, window_left;
+  int q_aligned;    // q rows start 16-byte aligned: loaded with cp.async
   float qk_scale;   // log2e * sm_scale * k_scale (no cap) or sm_scale * k_scale / cap
   float cap_scale;  // cap * log2e, 0 without a soft cap
   float v_scale;
