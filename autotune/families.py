@@ -8,6 +8,8 @@ import importlib
 FAMILIES = {
     "norm": "autotune.norm",
     "activation": "autotune.activation",
+    "attention": "autotune.attention",
+    "moe": "autotune.moe",
 }
 
 

@@ -162,7 +162,9 @@ def decode(grid):
         for name, make in [("fi", lambda x=x, b=batch: (fi_decode(x, b, False), 1)),
                            ("fi-tc", lambda x=x, b=batch: (fi_decode(x, b, True), 1)),
                            ("triton", lambda x=x, b=batch: ours_decode(x, "triton", b)),
-                           ("cuda", lambda x=x, b=batch: ours_decode(x, "cuda", b))]:
+                           ("cuda", lambda x=x, b=batch: ours_decode(x, "cuda", b)),
+                           ("cuda-s2", lambda x=x, b=batch: ours_decode(
+                               x, "cuda", b, {"num_stages": 2}))]:
             try:
                 fn, splits = make()
                 rows[name] = (timed(fn, x.n), splits)
@@ -175,7 +177,8 @@ def decode(grid):
                   f"{fi_best / us:6.2f}  {splits}", flush=True)
             record("decode", {"batch": batch, "kv_len": kv_len}, name, us, tb, "tbps",
                    splits=splits, vs_fi=round(fi_best / us, 3))
-        ours = min((rows[k][0] for k in ("triton", "cuda") if k in rows), default=float("nan"))
+        ours = min((rows[k][0] for k in ("triton", "cuda", "cuda-s2") if k in rows),
+                   default=float("nan"))
         need = TARGET.get((batch, kv_len), 1.0)
         verdict = "PASS" if fi_best / ours >= need else "MISS"
         print(f"{'':>11} best ours {fi_best / ours:.2f}x faster FI (target {need}x): {verdict}")

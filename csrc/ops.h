@@ -11,7 +11,11 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
                   const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
                   const at::Tensor& kv_last_page_len, at::Tensor& partial_o,
                   at::Tensor& partial_lse, at::Tensor& counters, int64_t num_splits,
-                  double sm_scale, double logits_soft_cap, int64_t window_left, double k_scale,
-                  double v_scale);
+                  int64_t num_stages, double sm_scale, double logits_soft_cap,
+                  int64_t window_left, double k_scale, double v_scale);
 void append_paged_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache,
                      const at::Tensor& slot_mapping, double k_scale, double v_scale);
+void moe_align_block_size(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
+                          at::Tensor& num_tokens_post_padded, const at::Tensor& topk_ids,
+                          int64_t num_experts, int64_t block_size,
+                          const std::optional<at::Tensor>& expert_map);

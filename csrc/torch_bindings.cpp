@@ -11,10 +11,13 @@ TORCH_LIBRARY(pykernels, m) {
   m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float eps) -> ()");
   m.def("paged_decode(Tensor! out, Tensor q, Tensor kv_cache, Tensor kv_indptr, "
         "Tensor kv_indices, Tensor kv_last_page_len, Tensor! partial_o, Tensor! partial_lse, "
-        "Tensor! counters, int num_splits, float sm_scale, float logits_soft_cap, "
-        "int window_left, float k_scale, float v_scale) -> ()");
+        "Tensor! counters, int num_splits, int num_stages, float sm_scale, "
+        "float logits_soft_cap, int window_left, float k_scale, float v_scale) -> ()");
   m.def("append_paged_kv(Tensor k, Tensor v, Tensor! kv_cache, Tensor slot_mapping, "
         "float k_scale, float v_scale) -> ()");
+  m.def("moe_align_block_size(Tensor! sorted_token_ids, Tensor! expert_ids, "
+        "Tensor! num_tokens_post_padded, Tensor topk_ids, int num_experts, int block_size, "
+        "Tensor? expert_map) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
@@ -23,6 +26,7 @@ TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("paged_decode", &paged_decode);
   m.impl("append_paged_kv", &append_paged_kv);
+  m.impl("moe_align_block_size", &moe_align_block_size);
 }
 
 // Lets `import pykernels._C` load the prebuilt library (the ops register at load time).

@@ -24,10 +24,10 @@ namespace attention {
     case 256: { constexpr int kD = 256; __VA_ARGS__; break; }                            \
     default: TORCH_CHECK_VALUE(false, "head_dim must be 64, 128 or 256, got ", D);        \
   }
-template <typename T, typename KV, int D>
+template <typename T, typename KV, int D, int STAGES>
 void launch_decode(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  using S = DecodeShape<D, sizeof(KV)>;
-  auto kernel = paged_decode_kernel<T, KV, D>;
+  using S = DecodeShape<D, sizeof(KV), STAGES>;
+  auto kernel = paged_decode_kernel<T, KV, D, STAGES>;
   // Every configuration needs >= 48 KB of dynamic shared memory (plus the static arrival flag):
   // opt in once per device. 48 KB exactly without the opt-in failed to launch ("invalid argument").
   static bool opted_in[64] = {};
@@ -86,8 +86,8 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
                   const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
                   const at::Tensor& kv_last_page_len, at::Tensor& partial_o,
                   at::Tensor& partial_lse, at::Tensor& counters, int64_t num_splits,
-                  double sm_scale, double logits_soft_cap, int64_t window_left, double k_scale,
-                  double v_scale) {
+                  int64_t num_stages, double sm_scale, double logits_soft_cap,
+                  int64_t window_left, double k_scale, double v_scale) {
   using namespace pykernels::attention;
   PK_CHECK_CUDA(q);
   PK_CHECK_DIM(q, 3);
@@ -106,6 +106,8 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
   check_index(kv_last_page_len, "kv_last_page_len", batch, q);
   TORCH_CHECK_VALUE(num_splits >= 1 && num_splits <= kMaxSplits, "num_splits must be in 1..",
                     kMaxSplits, ", got ", num_splits);
+  TORCH_CHECK_VALUE(num_stages == 0 || num_stages == 2 || num_stages == 3,
+                    "num_stages must be 0 (default), 2 or 3, got ", num_stages);
   const int group = (int)(hq / hkv);
   const int chunks = (group + 15) / 16;  // 16 q heads per CTA (the mma's rows)
   if (num_splits > 1) {
@@ -155,10 +157,13 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
   const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
   PK_DISPATCH_HALF(q.scalar_type(), {
     PK_DISPATCH_HEAD_DIM(q.size(2), {
+      const int stages = num_stages > 0 ? (int)num_stages : default_stages<kD>();
       if (fp8) {
-        launch_decode<scalar_t, __nv_fp8_e4m3, kD>(p, grid, stream);
+        if (stages == 2) launch_decode<scalar_t, __nv_fp8_e4m3, kD, 2>(p, grid, stream);
+        else launch_decode<scalar_t, __nv_fp8_e4m3, kD, 3>(p, grid, stream);
       } else {
-        launch_decode<scalar_t, scalar_t, kD>(p, grid, stream);
+        if (stages == 2) launch_decode<scalar_t, scalar_t, kD, 2>(p, grid, stream);
+        else launch_decode<scalar_t, scalar_t, kD, 3>(p, grid, stream);
       }
     });
   });

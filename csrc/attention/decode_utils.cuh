@@ -48,17 +48,24 @@ struct DecodeParams {
   float v_scale;
 };
 
+// Default pipeline depth: 16-bit cache, head_dim 128: 32 KB per stage, 3 stages + 4 KB of q =
+// 100 KB, so 2 CTAs share an SM (228 KB); 2 stages (68 KB) fit 3 CTAs. head_dim 256: 2 stages
+// (132 KB, 1 CTA per SM). The launcher also takes 2 or 3 explicitly (a tuning knob).
+template <int HEAD_DIM>
+constexpr int default_stages() {
+  return HEAD_DIM >= 256 ? 2 : 3;
+}
+
 // Tile geometry. A stage holds kTile rows of K then kTile rows of V as stored in the cache (16-bit
-// rows swizzled, fp8 rows raw). 16-bit cache, head_dim 128: 32 KB per stage, 3 stages + 4 KB of q =
-// 100 KB, so 2 CTAs share an SM (228 KB); head_dim 256 keeps 2 stages (132 KB, 1 CTA per SM).
-template <int HEAD_DIM, int KV_BYTES>
+// rows swizzled, fp8 rows raw).
+template <int HEAD_DIM, int KV_BYTES, int STAGES>
 struct DecodeShape {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16;          // q heads per CTA: the mma M dimension
   static constexpr int kKeysPerWarp = 16;   // the k dimension of P V
   static constexpr int kTile = kWarps * kKeysPerWarp;
-  static constexpr int kStages = HEAD_DIM >= 256 ? 2 : HEAD_DIM >= 128 ? 3 : 4;
+  static constexpr int kStages = STAGES;
   static constexpr int kRowBytes = HEAD_DIM * KV_BYTES;  // a cache row as stored
   static constexpr int kChunks = kRowBytes / 16;
   static constexpr int kPerThread = kTile * kChunks / kThreads;  // 16-byte copies per thread
@@ -134,14 +141,39 @@ struct TileRows {
   int page[S::kPerThread];
 };
 
+// Page number and slot of token t, then of t + kRowStep, t + 2 kRowStep, ...: one division (a
+// shift for power-of-two pages) per tile instead of one per row. A division per row, which the
+// compiler evaluated even on the shift path, made the loader ~half of the kernel's instructions.
+struct RowCursor {
+  int page_no, slot;
+  __device__ __forceinline__ RowCursor(const DecodeParams& p, int t) {
+    if (p.page_shift >= 0) {
+      page_no = t >> p.page_shift;
+      slot = t & (p.page_size - 1);
+    } else {
+      page_no = t / p.page_size;
+      slot = t - page_no * p.page_size;
+    }
+  }
+  __device__ __forceinline__ void advance(const DecodeParams& p, int step) {
+    slot += step;
+    while (slot >= p.page_size) {  // once at most for pages >= step (8 rows at head_dim 128)
+      slot -= p.page_size;
+      ++page_no;
+    }
+  }
+};
+
 template <typename S>
 __device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParams& p,
                                             const int* pages, int t0, int hi) {
+  constexpr int kRowStep = S::kThreads / S::kChunks;
+  const int t = t0 + threadIdx.x / S::kChunks;
+  RowCursor cur(p, t);
 #pragma unroll
   for (int i = 0; i < S::kPerThread; ++i) {
-    const int t = t0 + (threadIdx.x + i * S::kThreads) / S::kChunks;
-    const int page_no = p.page_shift >= 0 ? t >> p.page_shift : t / p.page_size;
-    rows.page[i] = t < hi ? __ldg(pages + page_no) : -1;
+    rows.page[i] = t + i * kRowStep < hi ? __ldg(pages + cur.page_no) : -1;
+    cur.advance(p, kRowStep);
   }
 }
 
@@ -150,22 +182,25 @@ __device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParam
 template <typename S, int KV_BYTES>
 __device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
                                            const DecodeParams& p, int kvh, int t0) {
-  const char* base = static_cast<const char*>(p.cache);
+  constexpr int kRowStep = S::kThreads / S::kChunks;
+  static_assert(S::kThreads % S::kChunks == 0, "a thread copies one column of its rows");
+  const int r0 = threadIdx.x / S::kChunks;
+  const int col = threadIdx.x % S::kChunks;
+  const char* base = static_cast<const char*>(p.cache) +
+                     ((int64_t)kvh * p.stride_head * KV_BYTES + col * 16);
+  const int64_t v_off = p.stride_kv * KV_BYTES;
+  RowCursor cur(p, t0 + r0);
 #pragma unroll
   for (int i = 0; i < S::kPerThread; ++i) {
-    const int c = threadIdx.x + i * S::kThreads;
-    const int r = c / S::kChunks;
-    const int col = c % S::kChunks;
-    const int t = t0 + r;
+    const int r = r0 + i * kRowStep;
     const bool valid = rows.page[i] >= 0;
-    const int slot = p.page_shift >= 0 ? t & (p.page_size - 1) : t % p.page_size;
-    const int64_t elem = (int64_t)rows.page[i] * p.stride_page + (int64_t)slot * p.stride_tok +
-                         (int64_t)kvh * p.stride_head;
-    const char* src = valid ? base + elem * KV_BYTES + col * 16 : base;
+    const int64_t elem = (int64_t)rows.page[i] * p.stride_page + (int64_t)cur.slot * p.stride_tok;
+    const char* src = valid ? base + elem * KV_BYTES : static_cast<const char*>(p.cache);
     const int off = KV_BYTES == 2 ? swizzle<S::kRowBytes>(r, col) : r * S::kRowBytes + col * 16;
     char* dst = stage + off;
     cp_async_16(dst, src, valid);
-    cp_async_16(dst + S::kTile * S::kRowBytes, valid ? src + p.stride_kv * KV_BYTES : base, valid);
+    cp_async_16(dst + S::kTile * S::kRowBytes, valid ? src + v_off : src, valid);
+    cur.advance(p, kRowStep);
   }
 }
 

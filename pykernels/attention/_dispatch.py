@@ -8,9 +8,18 @@ import math
 import torch
 
 from pykernels._backends import Family
-from pykernels.attention import _common
+from pykernels._log import get_logger, warn_once
+from pykernels._ops import BackendUnavailable
+from pykernels.attention import _common, tunables
 from pykernels.attention._common import resolve_backend
-from pykernels.attention.plan import GenericDecodeRunner, GenericPrefillRunner
+from pykernels.attention.plan import (
+    AutoDecodeRunner,
+    AutoPrefillRunner,
+    GenericDecodeRunner,
+    GenericPrefillRunner,
+)
+
+log = get_logger("attention")
 
 _MODULES = {
     "triton": "pykernels.attention.triton",
@@ -19,11 +28,11 @@ _MODULES = {
     "fa": "pykernels.attention.fa",
     "torch": "pykernels.attention.ref",
 }
-# auto, from the H200 run of 2026-11-21 (results/nvidia-h200/attention/): Triton decode is at
+# auto's fixed order, used where no backend choice is tuned for the shape (see choose_backend),
+# from the H200 run of 2026-11-21 (results/nvidia-h200/attention/): Triton decode is at
 # 0.91-1.14x the faster FlashInfer wrapper on the ANCHORS grid (1.04x at bs=64, 4.31 TB/s);
-# FlashInfer next; the CUDA decode kernel last (0.5x, and it fails to launch for GQA groups >= 8
-# at head_dim 64/128 and >= 5 at 256). Prefill: Triton 0.65x FlashInfer, so FlashInfer first.
-# A per-bucket tuned choice (`python -m autotune.attention`) is still to come (issue 5).
+# FlashInfer next; the CUDA decode kernel last (tensor cores since 8b2526d: 0.77-0.89x FlashInfer,
+# 3.4-3.6 TB/s on the large rows). Prefill: Triton 0.65x FlashInfer, so FlashInfer first.
 DECODE = Family("paged_decode", dict(_MODULES), auto_order=("triton", "fi", "cuda"))
 PREFILL = Family("paged_prefill", {k: v for k, v in _MODULES.items() if k != "cuda"},
                  auto_order=("fi", "triton"))
@@ -43,10 +52,71 @@ def backend_name(family: Family, backend: str | None) -> str:
 
 
 def runner(family: Family, kind: str, backend, spec, attn, **kw):
-    mod = family.get(backend_name(family, backend), spec.device)
+    """The plan/run object of `backend` (None: VLLM_ATTENTION_BACKEND, else auto). ``auto``
+    without an explicit config picks the backend per plan (``choose_backend``); an explicit
+    ``config`` is a kernel launch config, so auto then keeps the fixed order."""
+    name = backend_name(family, backend)
+    if name == "auto" and kw.get("config") is None and family.name in _CHOICES:
+        causal = kw.get("causal", True)
+
+        def choose(batch, total_pages, num_tokens):
+            return choose_backend(family, spec, batch, total_pages, num_tokens, causal)
+
+        auto = AutoDecodeRunner if kind == "decode" else AutoPrefillRunner
+        return auto(choose, lambda n: _backend_runner(family, kind, n, spec, attn, **kw),
+                    fixed=kw.get("max_batch") is not None)
+    return _backend_runner(family, kind, name, spec, attn, **kw)
+
+
+def _backend_runner(family: Family, kind: str, name: str, spec, attn, **kw):
+    mod = family.get(name, spec.device)
     generic = GenericDecodeRunner if kind == "decode" else GenericPrefillRunner
     cls = getattr(mod, "DecodeRunner" if kind == "decode" else "PrefillRunner", None)
     return cls(spec, attn, **kw) if cls is not None else generic(mod, spec, attn, **kw)
+
+
+# ---- the tuned auto choice ----------------------------------------------------------------------
+
+_CHOICES = {"paged_decode": (tunables.DECODE_BACKEND, tunables.DECODE_CHOICES),
+            "paged_prefill": (tunables.PREFILL_BACKEND, tunables.PREFILL_CHOICES)}
+
+
+def fixed_backend(family: Family, device: torch.device) -> str:
+    """The backend the fixed auto order gives on this device (torch off the GPU)."""
+    path = family.get("auto", device).__name__
+    return next(n for n, p in family.modules.items() if p == path)
+
+
+def tuned_backend(family: Family, spec, batch: int, total_pages: int,
+                  num_tokens: int | None = None, causal: bool = True) -> str | None:
+    """The tuned backend of this plan's bucket (`paged_decode_backend` / `paged_prefill_backend`,
+    memoized per bucket by the Tunable), or None when nothing is tuned there or the tuned
+    backend cannot run here (not installed, or not on this device; logged once)."""
+    tunable, choices = _CHOICES[family.name]
+    key = tunables.spec_key(spec, total_pages, batch)
+    if num_tokens is None:
+        name = tunable.lookup(batch=max(batch, 1), **key)["backend"]
+    else:
+        name = tunable.lookup(tokens=max(num_tokens, 1), causal=bool(causal), **key)["backend"]
+    if name == "auto":
+        return None
+    try:
+        if name not in choices:
+            raise ValueError(f"{name!r} is not one of {choices}")
+        family.get(name, spec.device)
+    except (BackendUnavailable, ValueError) as err:
+        warn_once(log, f"tuned-backend:{family.name}:{name}:{spec.device.type}",
+                  "%s: the tuned auto choice %r cannot run here (%s); using the fixed order",
+                  family.name, name, err)
+        return None
+    return name
+
+
+def choose_backend(family: Family, spec, batch: int, total_pages: int,
+                   num_tokens: int | None = None, causal: bool = True) -> str:
+    """auto's backend for one plan: the tuned choice, else the fixed order."""
+    return (tuned_backend(family, spec, batch, total_pages, num_tokens, causal)
+            or fixed_backend(family, spec.device))
 
 
 def attn_params(head_dim, sm_scale, logits_soft_cap, window_left) -> _common.Params:

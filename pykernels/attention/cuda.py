@@ -23,7 +23,7 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 @torch.library.register_fake("pykernels::paged_decode")
 def _paged_decode_fake(out, q, kv_cache, kv_indptr, kv_indices, kv_last_page_len, partial_o,
-                       partial_lse, counters, num_splits, sm_scale, logits_soft_cap,
+                       partial_lse, counters, num_splits, num_stages, sm_scale, logits_soft_cap,
                        window_left, k_scale, v_scale) -> None:
     return None
 
@@ -34,14 +34,24 @@ def _append_paged_kv_fake(k, v, kv_cache, slot_mapping, k_scale, v_scale) -> Non
 
 
 def decode_plan(spec: _common.Spec, batch: int, total_pages: int, config: dict | None) -> dict:
-    """``num_splits`` only: the tile shapes are compiled in (csrc/attention/decode_utils.cuh)."""
-    splits = (config or {}).get("num_splits", 0)
+    """``num_splits`` and ``num_stages``: the tile shapes are compiled in
+    (csrc/attention/decode_utils.cuh).
+    From ``config``, else the tuned value (Tunable ``paged_decode_cuda``, memoized per bucket);
+    0 means the heuristic."""
+    from pykernels.attention import tunables  # light; imported here to keep this edit local
+
+    if not config:
+        config = tunables.DECODE_CUDA.lookup(batch=max(batch, 1),
+                                             **tunables.spec_key(spec, total_pages, batch))
+    splits = config.get("num_splits", 0)
     if not splits:
         avg_len = total_pages * spec.page_size / max(batch, 1)
         chunks = -(-spec.group // 16)  # 16 q heads per CTA (csrc/attention/decode.cuh)
         splits = _common.choose_splits(batch, spec.num_kv_heads * chunks, avg_len,
                                        _common.sm_count(spec.device))
-    return {"num_splits": int(min(splits, _common.MAX_SPLITS))}
+    # num_stages: cp.async pipeline depth, 2 or 3 (0: the kernel's default for the head_dim)
+    return {"num_splits": int(min(splits, _common.MAX_SPLITS)),
+            "num_stages": int(config.get("num_stages", 0))}
 
 
 def _empty(device: torch.device) -> torch.Tensor:
@@ -73,8 +83,8 @@ def decode(out, q, kv_cache, table: _common.Table, params: _common.Params,
         po = plse = counters = _empty(q.device)
     torch.ops.pykernels.paged_decode(
         out, q, kv_cache, table.kv_indptr, table.kv_indices, table.kv_last_page_len, po, plse,
-        counters, splits, params.sm_scale, params.logits_soft_cap, params.window_left,
-        params.k_scale, params.v_scale)
+        counters, splits, cfg.get("num_stages", 0), params.sm_scale, params.logits_soft_cap,
+        params.window_left, params.k_scale, params.v_scale)
 
 
 def append(k, v, kv_cache, slot_mapping, k_scale: float, v_scale: float) -> None:

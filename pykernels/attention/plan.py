@@ -2,7 +2,8 @@
 
 ``PagedDecode`` / ``PagedPrefill`` validate inputs and delegate to a backend runner. The generic
 runner below serves the kernel backends (triton, cuda, torch); ``fi`` and ``fa`` bring their own
-(`DecodeRunner` / `PrefillRunner` in their modules) with the same three methods.
+(`DecodeRunner` / `PrefillRunner` in their modules) with the same three methods. ``auto`` gets an
+``AutoRunner``, which picks one of those per plan (the tuned backend choice).
 
 CUDA graphs: construct with ``max_batch`` (and ``max_pages``, ``max_tokens`` for prefill). The
 runner then owns fixed buffers (page table, tile map, split-KV workspace, counters); ``plan``
@@ -164,6 +165,88 @@ class GenericPrefillRunner:
         self.mod.prefill(out, q, kv_cache, self.qo_indptr, self.table, params, self.causal,
                          self.work, self.cfg)
         return out
+
+
+class AutoRunner:
+    """Backend ``auto`` with tuned choices: each plan asks ``choose(batch, total_pages,
+    num_tokens)`` for a backend name (the tuned one for the plan's bucket, else the fixed order;
+    see ``_dispatch.choose_backend``) and delegates to that backend's runner, made once by
+    ``make(name)`` and kept. The choice is made at plan time only; ``run`` adds a set insertion
+    (fixed buffers) to the backend's own run.
+
+    Fixed buffers (CUDA graphs): a captured graph replays the backend it captured, whatever a
+    later plan picks. So a plan also re-plans every backend already run at its batch size (one
+    graph per batch size is the rule): a replay then reads a fresh page table, while eager runs
+    use the new choice. While the choice stays put (the usual case) that is the one backend.
+    """
+
+    def __init__(self, choose, make, fixed: bool):
+        self._choose, self._make, self.fixed = choose, make, fixed
+        self._runners: dict[str, object] = {}
+        self._ran: dict[int, set[str]] = {}  # batch -> backends run at it (fixed buffers)
+        self.current = None
+        self.backend: str | None = None  # the backend of the last plan
+        self._batch = 0
+
+    def _plan(self, batch: int, total_pages: int, num_tokens: int | None, plan_one) -> None:
+        name = self._choose(batch, total_pages, num_tokens)
+        others = self._ran.get(batch, set()) - {name} if self.fixed else set()
+        for other in sorted(others):
+            plan_one(self._runner(other))
+        runner = self._runner(name)
+        plan_one(runner)
+        self.current, self.backend, self._batch = runner, name, batch
+
+    def _runner(self, name: str):
+        if name not in self._runners:
+            self._runners[name] = self._make(name)
+        return self._runners[name]
+
+    def run(self, q, kv_cache, out, k_scale: float, v_scale: float) -> torch.Tensor:
+        if self.current is None:
+            raise RuntimeError("run called before plan")
+        if self.fixed:
+            self._ran.setdefault(self._batch, set()).add(self.backend)
+        return self.current.run(q, kv_cache, out, k_scale, v_scale)
+
+    @property
+    def cfg(self) -> dict:
+        return getattr(self.current, "cfg", {})
+
+    @property
+    def max_page(self) -> int:
+        return getattr(self.current, "max_page", -1)
+
+
+def _total_pages(kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> int:
+    """Pages of a table as the decode plans count them: read on the host, an upper bound (the
+    length of kv_indices) on the device, which is never read back."""
+    if kv_indptr.device.type == "cpu":
+        return int(kv_indptr[-1] - kv_indptr[0])
+    return kv_indices.shape[0]
+
+
+class AutoDecodeRunner(AutoRunner):
+    def plan(self, kv_indptr, kv_indices, kv_last_page_len) -> None:
+        batch = _common.check_table(kv_indptr, kv_indices, kv_last_page_len)
+        self._plan(batch, _total_pages(kv_indptr, kv_indices), None,
+                   lambda r: r.plan(kv_indptr, kv_indices, kv_last_page_len))
+
+
+class AutoPrefillRunner(AutoRunner):
+    def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+             num_tokens: int | None = None) -> None:
+        batch = _common.check_table(kv_indptr, kv_indices, kv_last_page_len)
+        _common.index_tensor("qo_indptr", qo_indptr, batch + 1)
+        if num_tokens is None:  # a host read when qo_indptr lives on the GPU
+            num_tokens = int(qo_indptr[-1] - qo_indptr[0])
+        self._plan(batch, _total_pages(kv_indptr, kv_indices), num_tokens,
+                   lambda r: r.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                    num_tokens=num_tokens))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.current.num_tokens
 
 
 class _NoPlan:

@@ -91,6 +91,22 @@ def test_decode_forced_splits(backend, splits):
     _close(got, ref.decode_ref(q, p.cache, *p.table), torch.bfloat16)
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("head_dim,kv_dtype", [(64, None), (128, None), (256, None),
+                                               (128, torch.float8_e4m3fn),
+                                               (256, torch.float8_e4m3fn)])
+def test_cuda_decode_stages(stages, head_dim, kv_dtype):
+    """Both pipeline depths of the CUDA kernel (a tuning knob), 1 and 3 splits, GQA 6."""
+    _available("cuda")
+    p = Paged([1, 130, 4097, 0, 65], 16, 2, head_dim, torch.float16, device="cuda",
+              kv_dtype=kv_dtype)
+    q = p.q(12, head_dim, torch.float16, strided=True)
+    want = ref.decode_ref(q, p.cache, *p.table)
+    for splits in (1, 3):
+        got = _decode("cuda", p, q, config={"num_splits": splits, "num_stages": stages})
+        _close(got, want, torch.float16)
+
+
 OPTIONS = [
     {"logits_soft_cap": 30.0, "sm_scale": 0.3},
     {"window_left": 100},
@@ -271,7 +287,7 @@ def test_opcheck_and_compile():
     po = torch.empty(n * 128, device="cuda")
     plse = torch.empty(n, device="cuda")
     ctr = torch.zeros(2 * 8, dtype=torch.int32, device="cuda")
-    args = (out, q, p.cache, *p.table, po, plse, ctr, 4, 0.088, 0.0, -1, 1.0, 1.0)
+    args = (out, q, p.cache, *p.table, po, plse, ctr, 4, 0, 0.088, 0.0, -1, 1.0, 1.0)
     torch.library.opcheck(torch.ops.pykernels.paged_decode.default, args)
     k = torch.randn(3, 2, 128, dtype=torch.bfloat16, device="cuda")
     slots = torch.tensor([1, 5, 40], device="cuda")
@@ -279,8 +295,8 @@ def test_opcheck_and_compile():
                           (k, k.clone(), p.cache, slots, 1.0, 1.0))
 
     def step(q, cache, out):
-        torch.ops.pykernels.paged_decode(out, q, cache, *p.table, po, plse, ctr, 4, 0.088, 0.0,
-                                         -1, 1.0, 1.0)
+        torch.ops.pykernels.paged_decode(out, q, cache, *p.table, po, plse, ctr, 4, 2, 0.088,
+                                         0.0, -1, 1.0, 1.0)
         return out * 2
 
     got = torch.compile(step, fullgraph=True)(q, p.cache, out)
@@ -297,13 +313,15 @@ def test_cuda_launcher_checks():
     decode = torch.ops.pykernels.paged_decode
     with pytest.raises(TypeError, match="kv_indptr must be int32"):
         decode(torch.empty_like(q), q, p.cache, p.kv_indptr.long(), p.kv_indices,
-               p.kv_last_page_len, e, e, e, 1, 1.0, 0.0, -1, 1.0, 1.0)
+               p.kv_last_page_len, e, e, e, 1, 0, 1.0, 0.0, -1, 1.0, 1.0)
     with pytest.raises(ValueError, match="partial_o must be contiguous with >="):
-        decode(torch.empty_like(q), q, p.cache, *p.table, e, e, e, 4, 1.0, 0.0, -1, 1.0, 1.0)
+        decode(torch.empty_like(q), q, p.cache, *p.table, e, e, e, 4, 0, 1.0, 0.0, -1, 1.0, 1.0)
     with pytest.raises(ValueError, match="num_splits must be in 1..64"):
-        decode(torch.empty_like(q), q, p.cache, *p.table, e, e, e, 65, 1.0, 0.0, -1, 1.0, 1.0)
+        decode(torch.empty_like(q), q, p.cache, *p.table, e, e, e, 65, 0, 1.0, 0.0, -1, 1.0, 1.0)
+    with pytest.raises(ValueError, match="num_stages must be 0 \\(default\\), 2 or 3, got 4"):
+        decode(torch.empty_like(q), q, p.cache, *p.table, e, e, e, 1, 4, 1.0, 0.0, -1, 1.0, 1.0)
     with pytest.raises(ValueError, match="kv_cache must have layout"):
-        decode(torch.empty_like(q), q, p.cache[:, 0], *p.table, e, e, e, 1, 1.0, 0.0, -1, 1.0,
+        decode(torch.empty_like(q), q, p.cache[:, 0], *p.table, e, e, e, 1, 0, 1.0, 0.0, -1, 1.0,
                1.0)
 
 

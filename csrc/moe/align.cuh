@@ -1,0 +1,296 @@
+// moe_align_block_size kernels: token slots grouped by expert, each group padded to a multiple of
+// block_size with the sentinel numel, the expert id of every block, and the padded total.
+// Torch-free; the launcher in align.cu checks the inputs and picks the path.
+//
+// Slot i is the flat index into topk_ids [M, topk]. Ids outside [0, E) are dropped: counted for no
+// expert and written nowhere (as the torch reference does), so a bad id never writes out of
+// bounds. Within an expert's group the slot order is unspecified (atomics decide it).
+//
+// Two paths:
+//  - small (numel <= kSmallMaxSlots): one CTA holds every id in registers (<= 8 per thread),
+//    counts them in shared memory, scans, scatters, writes expert ids and padding in one launch.
+//    Extra CTAs fill the part of the buffer that lies past any possible padded total.
+//  - large: count (G CTAs: per-CTA histograms + sentinel fill) -> scan (1 CTA) -> scatter
+//    (G CTAs: one global atomic per (CTA, expert) claims a range, shared atomics rank inside it).
+#pragma once
+
+#include <cstdint>
+
+namespace pykernels {
+namespace moe_align {
+
+constexpr int kMaxExperts = 4096;        // shared memory: 2 ints per expert, 32 KB at 4096
+constexpr int kSmallItems = 8;           // ids per thread held in registers on the small path
+constexpr int kSmallThreads = 1024;
+constexpr int kSmallMaxSlots = kSmallThreads * kSmallItems;  // 8192
+constexpr int kUnroll = 4;               // loads in flight per thread on the large path
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// The expert of slot i, or -1 when the id is outside [0, E) (dropped).
+template <typename IdT>
+__device__ __forceinline__ int expert_of(const IdT* ids, int i, int num_experts) {
+  const IdT e = ids[i];
+  return (e >= 0 && e < (IdT)num_experts) ? (int)e : -1;
+}
+
+// Adds one per lane to counters[key] with one shared atomic per distinct key in the warp (a warp
+// routing all 32 slots to one expert would otherwise serialize 32 atomics on one address) and
+// returns this lane's rank: the counter's old value plus its position among equal-keyed lanes.
+// The whole warp must call it (converged); lanes with key < 0 add nothing.
+__device__ __forceinline__ int warp_add_rank(int* counters, int key) {
+  const unsigned peers = __match_any_sync(kFullMask, key);
+  const int lane = threadIdx.x & 31;
+  const int leader = __ffs(peers) - 1;
+  int base = 0;
+  if (key >= 0 && lane == leader) base = atomicAdd(&counters[key], __popc(peers));
+  base = __shfl_sync(kFullMask, base, leader);
+  return base + __popc(peers & ((1u << lane) - 1u));
+}
+
+// Counting only: the same aggregation without returning ranks.
+__device__ __forceinline__ void warp_add(int* counters, int key) {
+  const unsigned peers = __match_any_sync(kFullMask, key);
+  if (key >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&counters[key], __popc(peers));
+}
+
+__device__ __forceinline__ int padded(int count, int block_size) {
+  return (count + block_size - 1) / block_size * block_size;
+}
+
+// Exclusive prefix sum of one value per thread over the block (blockDim.x a multiple of 32);
+// *total gets the sum of all. s_warp: 32 ints of shared memory. Starts and ends with a barrier so
+// callers may reuse s_warp.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* s_warp, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  int incl = v;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int t = __shfl_up_sync(kFullMask, incl, d);
+    if (lane >= d) incl += t;
+  }
+  __syncthreads();
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < nwarps ? s_warp[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int t = __shfl_up_sync(kFullMask, w, d);
+      if (lane >= d) w += t;
+    }
+    s_warp[lane] = w;  // inclusive prefix over warps
+  }
+  __syncthreads();
+  const int before = warp > 0 ? s_warp[warp - 1] : 0;
+  *total = s_warp[nwarps - 1];
+  __syncthreads();
+  return before + incl - v;
+}
+
+// s_off[e] = padded start of expert e's group, s_off[E] = padded total, from s_count[0..E).
+// Thread t owns the ceil(E / blockDim) consecutive experts starting at t * per (<= 4 at E = 4096).
+__device__ __forceinline__ void scan_experts(const int* s_count, int* s_off, int num_experts,
+                                             int block_size, int* s_warp) {
+  const int per = (num_experts + blockDim.x - 1) / blockDim.x;
+  const int first = threadIdx.x * per;
+  const int last = min(first + per, num_experts);
+  int sum = 0;
+  for (int e = first; e < last; ++e) sum += padded(s_count[e], block_size);
+  int total;
+  int run = block_exclusive_scan(sum, s_warp, &total);
+  for (int e = first; e < last; ++e) {
+    s_off[e] = run;
+    run += padded(s_count[e], block_size);
+  }
+  if (threadIdx.x == 0) s_off[num_experts] = total;
+  __syncthreads();
+}
+
+// The expert whose padded range holds position p < s_off[E]: the last e with s_off[e] <= p
+// (experts with no slot have empty ranges and are skipped by "last").
+__device__ __forceinline__ int find_expert(const int* s_off, int num_experts, int p) {
+  int lo = 0, hi = num_experts;  // s_off[lo] <= p < s_off[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (s_off[mid] <= p) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// expert_ids[b] for every block: the (mapped) expert owning it, -1 past the padded total.
+__device__ __forceinline__ void write_expert_ids(const int* s_off, int num_experts,
+                                                 int block_size, const int32_t* expert_map,
+                                                 int32_t* expert_ids, int num_blocks) {
+  const int total = s_off[num_experts];
+  for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
+    const int p = b * block_size;  // < cap + block_size < 2^31, checked by the launcher
+    int id = -1;
+    if (p < total) {
+      const int e = find_expert(s_off, num_experts, p);
+      id = expert_map != nullptr ? expert_map[e] : e;
+    }
+    expert_ids[b] = id;
+  }
+}
+
+// value into dst[begin, end), the range split over `parts` CTAs (this one is `part`).
+__device__ __forceinline__ void fill(int32_t* dst, int begin, int end, int32_t value, int part,
+                                     int parts) {
+  for (int p = begin + part * blockDim.x + threadIdx.x; p < end; p += parts * blockDim.x) {
+    dst[p] = value;
+  }
+}
+
+// ---- small path: one CTA does everything --------------------------------------------------------
+
+// CTA 0: count (ranks kept in registers), scan, scatter, expert ids, padding, total, and the
+// sentinel in [total, bound). CTAs 1.. fill [bound, cap): bound = numel + min(E, numel) *
+// (block_size - 1) bounds the padded total (at most numel experts have a slot), so those
+// positions are padding whatever the ids are and need no wait for CTA 0.
+// Shared memory (dynamic): s_count[E], s_off[E + 1].
+template <typename IdT>
+__global__ void __launch_bounds__(kSmallThreads) align_small_kernel(
+    const IdT* __restrict__ ids, int numel, int num_experts, int block_size,
+    const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted,
+    int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_out, int cap, int num_blocks,
+    int bound) {
+  if (blockIdx.x > 0) {
+    fill(sorted, bound, cap, numel, blockIdx.x - 1, gridDim.x - 1);
+    return;
+  }
+  extern __shared__ int smem[];
+  __shared__ int s_warp[32];
+  int* s_count = smem;
+  int* s_off = smem + num_experts;
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) s_count[e] = 0;
+  __syncthreads();
+
+  const int items = (numel + blockDim.x - 1) / blockDim.x;  // <= kSmallItems, same for all
+  int expert[kSmallItems], rank[kSmallItems];
+#pragma unroll
+  for (int k = 0; k < kSmallItems; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    expert[k] = (k < items && i < numel) ? expert_of(ids, i, num_experts) : -1;
+  }
+#pragma unroll
+  for (int k = 0; k < kSmallItems; ++k) {
+    if (k < items) rank[k] = warp_add_rank(s_count, expert[k]);  // uniform branch
+  }
+  __syncthreads();
+  scan_experts(s_count, s_off, num_experts, block_size, s_warp);
+
+#pragma unroll
+  for (int k = 0; k < kSmallItems; ++k) {
+    if (k < items && expert[k] >= 0) {
+      sorted[s_off[expert[k]] + rank[k]] = threadIdx.x + k * blockDim.x;
+    }
+  }
+  write_expert_ids(s_off, num_experts, block_size, expert_map, expert_ids, num_blocks);
+  // Padding of each expert's last block: one warp per expert, <= block_size - 1 slots each.
+  const int lane = threadIdx.x & 31;
+  for (int e = threadIdx.x >> 5; e < num_experts; e += blockDim.x >> 5) {
+    for (int p = s_off[e] + s_count[e] + lane; p < s_off[e + 1]; p += 32) sorted[p] = numel;
+  }
+  const int total = s_off[num_experts];
+  fill(sorted, total, bound, numel, 0, 1);
+  if (threadIdx.x == 0) *total_out = total;
+}
+
+// ---- large path: count -> scan -> scatter -------------------------------------------------------
+
+// CTA c counts the slots [c * chunk, (c + 1) * chunk) per expert into counts[c * E + e] (every
+// entry written: no zeroing launch), and all CTAs fill `sorted` with the sentinel; the scatter
+// pass overwrites the real slots. Shared memory: s_count[E].
+template <typename IdT>
+__global__ void align_count_kernel(const IdT* __restrict__ ids, int numel, int num_experts,
+                                   int chunk, int* __restrict__ counts,
+                                   int32_t* __restrict__ sorted, int cap) {
+  extern __shared__ int s_count[];
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) s_count[e] = 0;
+  __syncthreads();
+  const int begin = blockIdx.x * chunk;
+  const int end = min(numel, begin + chunk);
+  for (int base = begin; base < end; base += kUnroll * blockDim.x) {  // uniform trip count
+    int e[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * blockDim.x + threadIdx.x;
+      e[u] = i < end ? expert_of(ids, i, num_experts) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) warp_add(s_count, e[u]);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    counts[blockIdx.x * num_experts + e] = s_count[e];
+  }
+  fill(sorted, 0, cap, numel, blockIdx.x, gridDim.x);
+}
+
+// One CTA: sums the per-CTA counts, scans the padded sizes, sets cursor[e] to each group's start
+// (the scatter pass claims ranges from it), writes expert ids and the padded total.
+// Shared memory: s_count[E], s_off[E + 1].
+__global__ void __launch_bounds__(1024) align_scan_kernel(
+    const int* __restrict__ counts, int num_ctas, int num_experts, int block_size,
+    const int32_t* __restrict__ expert_map, int* __restrict__ cursor,
+    int32_t* __restrict__ expert_ids, int num_blocks, int32_t* __restrict__ total_out) {
+  extern __shared__ int smem[];
+  __shared__ int s_warp[32];
+  int* s_count = smem;
+  int* s_off = smem + num_experts;
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) s_count[e] = 0;
+  __syncthreads();
+  // num_ctas * E <= 32768 (launcher): <= 32 loads per thread, 8 in flight.
+  const int n = num_ctas * num_experts;
+  for (int base = threadIdx.x; base < n; base += 8 * blockDim.x) {
+    int v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int idx = base + u * blockDim.x;
+      v[u] = idx < n ? counts[idx] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (v[u] != 0) atomicAdd(&s_count[(base + u * blockDim.x) % num_experts], v[u]);
+    }
+  }
+  __syncthreads();
+  scan_experts(s_count, s_off, num_experts, block_size, s_warp);
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) cursor[e] = s_off[e];
+  write_expert_ids(s_off, num_experts, block_size, expert_map, expert_ids, num_blocks);
+  if (threadIdx.x == 0) *total_out = s_off[num_experts];
+}
+
+// CTA c claims, per expert present in its chunk, a range of that size from cursor (one global
+// atomic per expert, <= 32768 in all), then writes each slot at its shared-memory rank in it.
+// Shared memory: s_base[E].
+template <typename IdT>
+__global__ void align_scatter_kernel(const IdT* __restrict__ ids, int numel, int num_experts,
+                                     int chunk, const int* __restrict__ counts,
+                                     int* __restrict__ cursor, int32_t* __restrict__ sorted) {
+  extern __shared__ int s_base[];
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    const int c = counts[blockIdx.x * num_experts + e];
+    s_base[e] = c > 0 ? atomicAdd(&cursor[e], c) : 0;
+  }
+  __syncthreads();
+  const int begin = blockIdx.x * chunk;
+  const int end = min(numel, begin + chunk);
+  for (int base = begin; base < end; base += kUnroll * blockDim.x) {  // uniform trip count
+    int e[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * blockDim.x + threadIdx.x;
+      e[u] = i < end ? expert_of(ids, i, num_experts) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int pos = warp_add_rank(s_base, e[u]);
+      if (e[u] >= 0) sorted[pos] = base + u * blockDim.x + threadIdx.x;
+    }
+  }
+}
+
+}  // namespace moe_align
+}  // namespace pykernels
