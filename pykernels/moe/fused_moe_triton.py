@@ -1,0 +1,390 @@
+"""Fused MoE in Triton: two grouped GEMMs over expert-sorted token slots.
+
+A token's k routed copies are "slots" ``t * topk + j``. ``moe_align_block_size`` groups the slots
+by expert and pads each group to a multiple of BLOCK_SIZE_M, so every block of BLOCK_SIZE_M
+sorted slots belongs to one expert. Per chunk of tokens:
+
+1. up: ``act[slot] = silu(x[t] W1g_e^T) * (x[t] W1u_e^T)`` for the BLOCK_SIZE_N act columns of
+   the program. The gate and up tiles are two accumulators of one program (rows n and I + n of
+   w1), so SiLU-and-mul runs in the epilogue on fp32 values: the [slots, 2I] pre-activation never
+   reaches memory and one launch is saved.
+2. down: ``y[slot] = w[slot] * act[slot] W2_e^T`` (routed weight in the epilogue, fp32).
+3. ``out[t] = sum_j y[t * topk + j]`` in fp32 over the slots whose id is in range: a token
+   routed nowhere (id -1, or out of range) adds nothing, though no GEMM wrote its slot.
+
+A program owns one (block of sorted slots, block of N columns) tile; programs run in grouped
+order (GROUP_SIZE_M blocks of slots per column sweep) so neighbours share weight tiles in L2.
+Blocks past the padded total exit at once; blocks whose expert id is -1 (not local under an
+expert map) write zeros. The grid is sized from the worst-case padded total on the host, the
+real total stays on the device: no host sync, CUDA-graph capturable.
+
+FP8 w8a8: weights float8_e4m3fn with one scale per expert ``[E]`` or per output channel
+``[E, N]``; activations quantized per token on the device (quant.py) or by a given per-tensor
+scale; fp32 accumulation, dequantized in the epilogue (before SiLU).
+
+Configs: two Tunables. ``fused_moe_triton`` tunes the up GEMM and owns BLOCK_SIZE_M (the align
+block size); ``fused_moe_triton_down`` tunes the down GEMM's other fields and always runs at the
+up config's BLOCK_SIZE_M, since both GEMMs read one align.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from autotune import Tunable
+from autotune.space import force_prefetch_off
+from pykernels import envs
+from pykernels.moe import quant
+from pykernels.moe.quant import Fp8
+
+KEY = ("E", "H", "I", "topk", "dtype", "quant")
+
+
+@triton.jit
+def _tile(pid, em, n, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+          GROUP_SIZE_M: tl.constexpr):
+    """Grouped order: GROUP_SIZE_M slot blocks sweep the columns together (L2 reuse)."""
+    num_pid_m = tl.cdiv(em, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(n, BLOCK_SIZE_N)
+    width = GROUP_SIZE_M * num_pid_n
+    first_m = (pid // width) * GROUP_SIZE_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    return pid_m, pid_n
+
+
+@triton.jit(do_not_specialize=["em", "num_valid"])
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr,
+    sorted_ids_ptr, expert_ids_ptr, total_ptr,
+    N, K, em, num_valid,
+    stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse, stride_bsn,
+    ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    """C[slot, n] = A[slot // ROW_DIV] . B[expert, n] (GATED: silu(gate) * up of rows n, N + n).
+    A, B have a contiguous K dimension; B is [E, N (2N when GATED), K]."""
+    pid_m, pid_n = _tile(tl.program_id(0), em, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+    if pid_m * BLOCK_SIZE_M >= tl.load(total_ptr):
+        return
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    slot = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    valid = slot < num_valid
+    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :]
+    c_mask = valid[:, None] & (offs_cn[None, :] < N)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert == -1:  # not a local expert: its slots contribute zero
+        zeros = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty)
+        tl.store(c_ptrs, zeros, mask=c_mask)
+        return
+    # Padding slots read row 0 (in bounds, never stored): no token mask in the main loop.
+    row = tl.where(valid, slot // ROW_DIV, 0)
+    offs_n = offs_cn % N  # columns past N wrap onto real rows (masked at the store)
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
+    up_off = N * stride_bn
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kb * BLOCK_SIZE_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            if EVEN_K:
+                b_up = tl.load(b_ptrs + up_off)
+            else:
+                b_up = tl.load(b_ptrs + up_off, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K
+        b_ptrs += BLOCK_SIZE_K
+    if USE_FP8:  # per-tensor scales come with stride 0
+        a_s = tl.load(a_scale_ptr + row * stride_asm)[:, None]
+        s_ptrs = b_scale_ptr + expert * stride_bse + offs_n * stride_bsn
+        acc = acc * a_s * tl.load(s_ptrs)[None, :]
+        if GATED:
+            acc_up = acc_up * a_s * tl.load(s_ptrs + N * stride_bsn)[None, :]
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_ROUTED_WEIGHT:
+        acc = acc * tl.load(topk_w_ptr + slot, mask=valid, other=0.0)[:, None]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, H, num_experts, stride_out,
+                    TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t, cols] = sum over j of y[t * TOPK + j, cols] where ids[t, j] is a real expert."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        e = tl.load(ids_ptr + t * TOPK + j)
+        width = tl.where((e >= 0) & (e < num_experts), H, 0)  # unrouted: load nothing
+        y = tl.load(y_ptr + (t * TOPK + j) * H + cols, mask=cols < width, other=0.0)
+        acc += y.to(tl.float32)
+    tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+def slots_per_expert(tokens: int, E: int, topk: int) -> float:
+    """Expected slots per expert under uniform routing: what BLOCK_SIZE_M should cover."""
+    return tokens * topk / max(E, 1)
+
+
+def default_config(tokens: int, E: int, topk: int, quant: str = "none", down: bool = False,
+                   **_) -> dict:
+    """The untuned heuristic, after vLLM's default (decode: thin, deep tiles; prefill: large
+    tiles, 8 warps), with BLOCK_SIZE_M from slots per expert rather than tokens: at 128 experts
+    x top-8, 64 tokens give each expert ~4 slots, where a 64-row block would be 94% padding."""
+    per_expert = slots_per_expert(tokens, E, topk)
+    bm = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64 if per_expert <= 192 else 128
+    bn = 64 if tokens <= 64 else 128
+    cfg = {
+        "BLOCK_SIZE_M": bm,
+        # The up GEMM's tile covers BLOCK_SIZE_N act columns = 2 * BLOCK_SIZE_N rows of w1.
+        "BLOCK_SIZE_N": bn if down else bn // 2,
+        "BLOCK_SIZE_K": 128 if quant != "none" or tokens <= 64 else 64,
+        "GROUP_SIZE_M": 16 if per_expert > 128 else 1,
+        "num_warps": 4 if tokens <= 128 else 8,
+        "num_stages": 4 if tokens <= 32 else 3,
+        "prefetch": True,
+    }
+    if down:
+        del cfg["BLOCK_SIZE_M"]
+    return cfg
+
+
+def _up_default(**shape) -> dict:
+    return default_config(**shape)
+
+
+def _down_default(**shape) -> dict:
+    return default_config(**shape, down=True)
+
+
+# Tuned by `python -m autotune.moe`. Shape (one for both GEMMs): E local experts, hidden H,
+# expert width I, topk, activation dtype, quant "none" or "fp8_w8a8"; bucketed by tokens.
+FUSED_MOE_UP = Tunable("fused_moe_triton", family="moe", key=KEY, bucket="tokens",
+                       default=_up_default, gemm_like=True, sources=(__file__,))
+FUSED_MOE_DOWN = Tunable("fused_moe_triton_down", family="moe", key=KEY, bucket="tokens",
+                         default=_down_default, gemm_like=True, sources=(__file__,))
+
+_REQUIRED = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")
+
+
+def split_config(config: dict, up_default: dict, down_default: dict) -> tuple[dict, dict]:
+    """A user config -> (up, down) configs. Either one vLLM-style dict for both GEMMs
+    (BLOCK_SIZE_M/N/K required; GROUP_SIZE_M, num_warps, num_stages optional) or
+    {"up": {...}, "down": {...}}. Missing fields take the defaults; down gets up's
+    BLOCK_SIZE_M."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    up, down = (config.get("up"), config.get("down")) if "up" in config else (config, config)
+    if not isinstance(up, dict) or not isinstance(down, dict):
+        raise TypeError("config['up'] and config['down'] must both be dicts")
+    missing = [k for k in _REQUIRED if k not in up] + \
+              [k for k in _REQUIRED[1:] if k not in down]
+    if missing:
+        raise ValueError(f"config needs {', '.join(_REQUIRED)}; missing {sorted(set(missing))}")
+    for name, cfg in (("up", up), ("down", down)):
+        for k in _REQUIRED + ("GROUP_SIZE_M", "num_warps", "num_stages"):
+            v = cfg.get(k, 16 if k in _REQUIRED else 1)
+            block = k in _REQUIRED
+            if not isinstance(v, int) or v < (16 if block else 1) or (block and v & (v - 1)):
+                raise ValueError(f"config[{name!r}][{k!r}] must be a positive int (a power of "
+                                 f"two >= 16 for block sizes), got {v!r}")
+    if down is not up and down.get("BLOCK_SIZE_M", up["BLOCK_SIZE_M"]) != up["BLOCK_SIZE_M"]:
+        raise ValueError(f"config['down']['BLOCK_SIZE_M'] ({down['BLOCK_SIZE_M']}) must equal "
+                         f"config['up']'s ({up['BLOCK_SIZE_M']}): both GEMMs read one align")
+    up_cfg = {k: up.get(k, v) for k, v in up_default.items()}
+    down_cfg = {k: down.get(k, v) for k, v in down_default.items()}
+    return up_cfg, down_cfg
+
+
+# ---- launch -------------------------------------------------------------------------------------
+
+class Routing(NamedTuple):
+    sorted_ids: torch.Tensor  # [capacity] int32 slots, expert-grouped, sentinel = num_valid
+    expert_ids: torch.Tensor  # [capacity / block_m] int32, -1 = skip
+    total: torch.Tensor  # [1] int32 padded total (device)
+    em: int  # host upper bound of the padded total: the grid's slot extent
+    block_m: int
+    num_valid: int  # slots = tokens * topk
+    topk_ids: torch.Tensor  # [tokens, topk] int32, contiguous
+    num_experts: int  # global ids are [0, num_experts)
+
+
+@functools.lru_cache(maxsize=1)
+def _align_op():
+    """moe_align_block_size: the family's kernel (pykernels.moe.align) when present, else the
+    torch reference (host syncs: CPU tests only)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pykernels.moe.align") is not None:
+        from pykernels.moe.align import moe_align_block_size
+    else:
+        from pykernels.moe.ref import moe_align_block_size
+    return moe_align_block_size
+
+
+def route(topk_ids: torch.Tensor, block_m: int, num_experts: int,
+          expert_map: torch.Tensor | None = None) -> Routing:
+    """Align the chunk's slots into blocks of block_m for both GEMMs."""
+    topk_ids = topk_ids.contiguous()
+    sorted_ids, expert_ids, total = _align_op()(topk_ids, num_experts, block_m, expert_map)
+    numel = topk_ids.numel()
+    # Each expert that gets a slot pads at most block_m - 1: at most min(E, numel) of them.
+    em = numel + min(num_experts, numel) * (block_m - 1)
+    return Routing(sorted_ids, expert_ids, total, em, block_m, numel, topk_ids, num_experts)
+
+
+def _stages(cfg: dict) -> int:
+    return cfg["num_stages"] if cfg.get("prefetch", True) else 1
+
+
+def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_div: int,
+          gated: bool, cfg: dict) -> None:
+    bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+    grid = (triton.cdiv(r.em, r.block_m) * triton.cdiv(n, bn),)
+    fp8 = b_scale is not None
+    stride_asm = a_scale.stride(0) if fp8 and a_scale.numel() > 1 else 0
+    stride_bse = b_scale.stride(0) if fp8 else 0
+    stride_bsn = b_scale.stride(1) if fp8 and b_scale.dim() == 2 else 0
+    _moe_gemm_kernel[grid](
+        a, b, c, a_scale if fp8 else c, b_scale if fp8 else c,
+        topk_w if topk_w is not None else c, r.sorted_ids, r.expert_ids, r.total,
+        n, k, r.em, r.num_valid,
+        a.stride(0), b.stride(0), b.stride(1), c.stride(0), stride_asm, stride_bse, stride_bsn,
+        ROW_DIV=row_div, GATED=gated, MUL_ROUTED_WEIGHT=topk_w is not None, USE_FP8=fp8,
+        EVEN_K=k % bk == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_SIZE_M=r.block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
+        GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"], num_stages=_stages(cfg),
+    )
+
+
+def up_stage(x, w1, act, r: Routing, topk: int, cfg: dict, fp8: Fp8 | None = None,
+             xq=None, xs=None) -> None:
+    """act [slots, I] = silu(x W1g^T) * (x W1u^T) per slot's expert (x [m, H] rows)."""
+    a, a_scale = x, None
+    if fp8 is not None:
+        a, a_scale = quant.quantize_fp8(x, fp8.a_scale, out=xq, out_scale=xs)
+    _gemm(a, w1, act, a_scale, None if fp8 is None else fp8.w_scale, None, r,
+          w1.shape[1] // 2, w1.shape[2], row_div=topk, gated=True, cfg=cfg)
+
+
+def down_stage(act, w2, y, topk_weights, r: Routing, cfg: dict, fp8: Fp8 | None = None,
+               aq=None, as_=None) -> None:
+    """y [slots, H] = topk_weight[slot] * act[slot] W2^T."""
+    a, a_scale = act, None
+    if fp8 is not None:
+        a, a_scale = quant.quantize_fp8(act, fp8.a_scale, out=aq, out_scale=as_)
+    _gemm(a, w2, y, a_scale, None if fp8 is None else fp8.w_scale, topk_weights, r,
+          w2.shape[1], w2.shape[2], row_div=1, gated=False, cfg=cfg)
+
+
+def lookup(tokens: int, w1: torch.Tensor, w2: torch.Tensor, topk: int, dtype: torch.dtype,
+           quant_name: str) -> tuple[dict, dict]:
+    """The (up, down) configs for a chunk of `tokens` tokens (the shape from w2 [E, H, I])."""
+    E, H, I = w2.shape  # noqa: E741 (the MoE literature's names)
+    shape = dict(tokens=tokens, E=E, H=H, I=I, topk=topk, dtype=dtype, quant=quant_name)
+    return FUSED_MOE_UP.lookup(**shape), FUSED_MOE_DOWN.lookup(**shape)
+
+
+class Workspace:
+    """Intermediate buffers for chunks of up to `rows` tokens, allocated once per call."""
+
+    def __init__(self, rows: int, topk: int, inter: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device, fp8: bool):
+        slots = rows * topk
+        self.act = torch.empty(slots, inter, dtype=dtype, device=device)
+        self.y = torch.empty(slots, hidden, dtype=dtype, device=device)
+        self.xq = self.xs = self.aq = self.as_ = None
+        if fp8:
+            self.xq = torch.empty(rows, hidden, dtype=quant.FP8_DTYPE, device=device)
+            self.xs = torch.empty(rows, dtype=torch.float32, device=device)
+            self.aq = torch.empty(slots, inter, dtype=quant.FP8_DTYPE, device=device)
+            self.as_ = torch.empty(slots, dtype=torch.float32, device=device)
+
+
+def topk_sum(out: torch.Tensor, y: torch.Tensor, r: Routing) -> None:
+    """out [m, H] = the fp32 sum of each token's routed rows of y [m * topk, H]."""
+    m, topk = r.topk_ids.shape
+    hidden = y.shape[1]
+    block = 1024  # 8 bf16 values (16 B) a thread at 4 warps
+    while block > 128 and m * triton.cdiv(hidden, block) < 4 * 132:  # ~4 programs an SM
+        block //= 2
+    _moe_sum_kernel[(m, triton.cdiv(hidden, block))](
+        y, r.topk_ids, out, hidden, r.num_experts, out.stride(0), TOPK=topk, BLOCK=block,
+        num_warps=max(1, block // 256),
+    )
+
+
+def run_routed(out, x, w1, w2, topk_weights, r: Routing, ws: Workspace, up_cfg: dict,
+               down_cfg: dict, fp8_1: Fp8 | None = None, fp8_2: Fp8 | None = None) -> None:
+    """The timed part (align done): up (+SiLU), down (+routed weight), top-k sum into out."""
+    m, topk = topk_weights.shape
+    slots = m * topk
+    act, y = ws.act[:slots], ws.y[:slots]
+    up_stage(x, w1, act, r, topk, up_cfg, fp8_1, _rows(ws.xq, m), _rows(ws.xs, m))
+    down_stage(act, w2, y, topk_weights, r, down_cfg, fp8_2, _rows(ws.aq, slots),
+               _rows(ws.as_, slots))
+    topk_sum(out, y, r)
+
+
+def _rows(t: torch.Tensor | None, n: int):
+    return None if t is None else t[:n]
+
+
+def chunk_configs(tokens: int, w1, w2, topk: int, dtype, quant_name: str,
+                  config: dict | None) -> tuple[dict, dict]:
+    """The (up, down) configs of a chunk: tuned/looked up, or the caller's `config` over the
+    defaults (prefetch forced off under TRITON_DISABLE_MACA_OPT_MMA_PREFETCH, as lookups do)."""
+    up_cfg, down_cfg = lookup(tokens, w1, w2, topk, dtype, quant_name)
+    if config is None:
+        return up_cfg, down_cfg
+    up_cfg, down_cfg = split_config(config, up_cfg, down_cfg)
+    if envs.TRITON_DISABLE_MACA_OPT_MMA_PREFETCH:
+        return force_prefetch_off(up_cfg), force_prefetch_off(down_cfg)
+    return up_cfg, down_cfg
+
+
+def fused_experts(out, x, w1, w2, topk_weights, topk_ids, *, num_experts: int,
+                  expert_map=None, fp8_1: Fp8 | None = None, fp8_2: Fp8 | None = None,
+                  config: dict | None = None) -> None:
+    """The Triton backend of pykernels.moe.fused_moe on validated inputs: out [M, H] (may alias
+    x), x [M, H] (contiguous last dim), topk_weights fp32 [M, k] contiguous, topk_ids int32."""
+    m, topk = topk_ids.shape
+    chunk = envs.VLLM_FUSED_MOE_CHUNK_SIZE
+    if chunk < 1:
+        raise ValueError(f"VLLM_FUSED_MOE_CHUNK_SIZE must be >= 1, got {chunk}")
+    quant_name = "none" if fp8_1 is None else "fp8_w8a8"
+    ws = Workspace(min(m, chunk), topk, w2.shape[2], w2.shape[1], x.dtype, x.device,
+                   fp8_1 is not None)
+    # The kernels write rows with a contiguous last dimension; any other out gets a copy.
+    dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=out.dtype,
+                                                      device=out.device)
+    for start in range(0, m, chunk):
+        end = min(start + chunk, m)
+        up_cfg, down_cfg = chunk_configs(end - start, w1, w2, topk, x.dtype, quant_name, config)
+        r = route(topk_ids[start:end], up_cfg["BLOCK_SIZE_M"], num_experts, expert_map)
+        run_routed(dst[start:end], x[start:end], w1, w2, topk_weights[start:end], r, ws,
+                   up_cfg, down_cfg, fp8_1, fp8_2)
+    if dst is not out:
+        out.copy_(dst)

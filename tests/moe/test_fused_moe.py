@@ -1,0 +1,619 @@
+"""fused_moe: the Triton kernels (interpreter on CPU, tiny shapes; the bench shapes on the GPU) and
+the torch backend against the fp32 reference; fp8 w8a8 against dequantize-then-matmul; expert
+maps, empty experts, chunking, in place, strided inputs, CUDA graphs; bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import autotune
+from pykernels.moe import distribution, fused_moe, quant, ref
+from pykernels.moe import fused_moe_triton as kern
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (atol, rtol) against the fp32 reference on outputs of magnitude ~1 (weights scaled so). The
+# reference rounds the SiLU output where the kernel stores it (act_dtype), so what remains is
+# fp32 summation order plus the rounding of each routed output and of the sum.
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 3e-3),
+       torch.bfloat16: (2.5e-2, 2.5e-2)}
+# fp8 w8a8 against the reference that rounds activations through fp8 the same way: an SiLU value
+# that rounds differently before quantization can land in the next fp8 bin (6% apart).
+FP8_TOL = (4e-2, 4e-2)
+# The torch backend computes in the input dtype (h, act and the products rounded there).
+TORCH_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2),
+             torch.bfloat16: (6e-2, 6e-2)}
+TORCH_FP8_TOL = (1e-1, 5e-2)
+
+CPU_ONLY = pytest.mark.skipif(HAS_CUDA, reason="interpreter test for CPU-only machines; the gpu "
+                                               "tests cover triton")
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """No user cache; configs come from the defaults (or the shipped ones)."""
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    autotune.invalidate()
+    yield
+    autotune.invalidate()
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def make_weights(E, H, I, dtype, device="cpu"):  # noqa: E741
+    w1 = (torch.randn(E, 2 * I, H, device=device) / math.sqrt(H)).to(dtype)
+    w2 = (torch.randn(E, H, I, device=device) / math.sqrt(I)).to(dtype)
+    return w1, w2
+
+
+def make_routing(M, E, topk, device="cpu", experts=None):
+    """Softmax top-k routing; `experts` restricts it to those ids (others never chosen)."""
+    logits = torch.randn(M, E, device=device)
+    if experts is not None:
+        mask = torch.full((E,), float("-inf"), device=device)
+        mask[list(experts)] = 0
+        logits = logits + mask
+    return ref.fused_topk(logits, topk, True)
+
+
+def quantize_weight(w, per_channel):
+    wf = w.float()
+    amax = wf.abs().amax(dim=2) if per_channel else wf.abs().amax(dim=(1, 2))
+    scale = (amax / quant.FP8_MAX).clamp_min(1e-12)
+    s = scale[..., None] if per_channel else scale[:, None, None]
+    return (wf / s).to(torch.float8_e4m3fn), scale.float()
+
+
+def run(x, w1, w2, tw, ti, backend, **kw):
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+    got = fused_moe(x, w1, w2, tw, ti, out=out, backend=backend, **kw)
+    assert got is out
+    return out
+
+
+def close(got, want, tol):
+    atol, rtol = tol
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+def check(x, w1, w2, tw, ti, backend="triton", **kw):
+    got = run(x, w1, w2, tw, ti, backend, **kw)
+    want = ref.fused_moe(x, w1, w2, tw, ti, expert_map=kw.get("expert_map"),
+                         act_dtype=x.dtype)
+    close(got, want, (TORCH_TOL if backend == "torch" else TOL)[x.dtype])
+    return got
+
+
+# ---- CPU: the interpreter and the torch backend ------------------------------------------------
+
+E, H, I, TOPK = 4, 64, 32, 2  # noqa: E741
+SMALL = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2,
+         "num_warps": 4, "num_stages": 2}
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_triton_cpu_matches_reference(dtype, m):
+    w1, w2 = make_weights(E, H, I, dtype)
+    tw, ti = make_routing(m, E, TOPK)
+    check(torch.randn(m, H).to(dtype), w1, w2, tw, ti)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("h, i", [(48, 24), (80, 40)])
+def test_triton_cpu_odd_sizes_small_tiles(h, i):
+    """H, I not multiples of the blocks: masked K tails, wrapped N columns, several N blocks,
+    grouped program order (GROUP_SIZE_M 2), up and down on separate configs."""
+    w1, w2 = make_weights(E, h, i, torch.float16)
+    tw, ti = make_routing(17, E, TOPK)
+    x = torch.randn(17, h).half()
+    check(x, w1, w2, tw, ti, config=SMALL)
+    split = {"up": SMALL, "down": {**SMALL, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64}}
+    check(x, w1, w2, tw, ti, config=split)
+
+
+@CPU_ONLY
+def test_triton_cpu_experts_without_tokens_and_top1():
+    w1, w2 = make_weights(8, H, I, torch.float16)
+    x = torch.randn(9, H).half()
+    tw, ti = make_routing(9, 8, 2, experts=[1, 6])  # 6 of 8 experts get nothing
+    check(x, w1, w2, tw, ti)
+    tw, ti = make_routing(9, 8, 1, experts=[0, 3, 5])  # top-1: the down GEMM writes out itself
+    check(x, w1, w2, tw, ti)
+    ti = torch.full((9, 1), 7, dtype=torch.int32)  # one expert takes everything
+    check(x, w1, w2, torch.ones(9, 1), ti)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("topk", [1, 3])
+# Padding rows of the down GEMM read slot 0's act row, which no GEMM wrote here (token 0 is
+# unrouted): numpy warns about the garbage, whose rows are never stored.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_unrouted_slots_add_nothing(backend, topk):
+    """Ids -1 (a token routed nowhere) and >= E: no GEMM writes their slots, the sum skips
+    them (the poisoned output stays finite); a token with no routed slot gets zeros."""
+    w1, w2 = make_weights(E, H, I, torch.float16)
+    x = torch.randn(6, H).half()
+    tw, ti = make_routing(6, E, topk)
+    ti[0, :] = -1
+    ti[1, 0] = E
+    ti[2, -1] = -1
+    got = check(x, w1, w2, tw, ti[:, :topk].t().contiguous().t(), backend)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_expert_map(backend):
+    """8 global experts, 4 local: slots of non-local experts contribute zero."""
+    w1, w2 = make_weights(4, H, I, torch.float16)
+    expert_map = torch.tensor([-1, 0, -1, 1, 2, -1, 3, -1], dtype=torch.int32)
+    x = torch.randn(17, H).half()
+    tw, ti = make_routing(17, 8, 3)
+    got = check(x, w1, w2, tw, ti, backend, expert_map=expert_map, global_num_experts=8)
+    local_only = ref.fused_moe(x, w1, w2, tw, ti, expert_map=expert_map)
+    assert (local_only != ref.fused_moe(x, w1, w2, tw, ti.remainder(4))).any()
+    assert torch.isfinite(got).all()
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("inplace", [False, True])
+def test_chunking(monkeypatch, inplace):
+    """17 tokens in chunks of 4 (the last 1 token): same result as one chunk, and in place."""
+    monkeypatch.setenv("VLLM_FUSED_MOE_CHUNK_SIZE", "4")
+    w1, w2 = make_weights(E, H, I, torch.float16)
+    x = torch.randn(17, H).half()
+    tw, ti = make_routing(17, E, TOPK)
+    want = ref.fused_moe(x, w1, w2, tw, ti, act_dtype=x.dtype)
+    if inplace:
+        y = x.clone()
+        assert fused_moe(y, w1, w2, tw, ti, inplace=True, backend="triton") is y
+    else:
+        y = run(x, w1, w2, tw, ti, "triton")
+    close(y, want, TOL[torch.float16])
+
+
+@CPU_ONLY
+def test_inplace_and_strided_hidden():
+    w1, w2 = make_weights(E, H, I, torch.float16)
+    tw, ti = make_routing(5, E, TOPK)
+    big = torch.randn(7, H + 16).half()
+    rows = big[1:6, 8:8 + H]  # strided rows, contiguous last dim: read in place
+    want = ref.fused_moe(rows, w1, w2, tw, ti, act_dtype=torch.float16)
+    close(run(rows, w1, w2, tw, ti, "triton"), want, TOL[torch.float16])
+    cols = torch.randn(H, 5).half().t()  # last-dim stride 5: copied first
+    close(run(cols, w1, w2, tw, ti, "triton"),
+          ref.fused_moe(cols, w1, w2, tw, ti, act_dtype=torch.float16), TOL[torch.float16])
+    before = big.clone()
+    fused_moe(rows, w1, w2, tw, ti, inplace=True, backend="triton")
+    close(big[1:6, 8:8 + H], want, TOL[torch.float16])
+    assert torch.equal(big[0], before[0]) and torch.equal(big[:, :8], before[:, :8])
+    for k in (1, 2):  # in place into column-strided rows: summed, or written by the down GEMM
+        tw, ti = make_routing(5, E, k)
+        want = ref.fused_moe(cols, w1, w2, tw, ti, act_dtype=torch.float16)
+        y = cols.clone().t().contiguous().t()
+        assert fused_moe(y, w1, w2, tw, ti, inplace=True, backend="triton") is y
+        close(y, want, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_torch_backend_matches_reference(dtype):
+    w1, w2 = make_weights(E, H, I, dtype)
+    tw, ti = make_routing(17, E, TOPK)
+    check(torch.randn(17, H).to(dtype), w1, w2, tw, ti, "torch")
+
+
+def test_auto_on_cpu_is_torch_and_empty_batch():
+    w1, w2 = make_weights(E, H, I, torch.float32)
+    tw, ti = make_routing(3, E, TOPK)
+    x = torch.randn(3, H)
+    close(fused_moe(x, w1, w2, tw, ti), ref.fused_moe(x, w1, w2, tw, ti), TORCH_TOL[x.dtype])
+    empty = fused_moe(x[:0], w1, w2, tw[:0], ti[:0], backend="triton")
+    assert empty.shape == (0, H)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_cpu(per_channel, static):
+    """fp8 GEMMs in the interpreter (activation quantization by the torch path on CPU tensors)
+    and the torch backend, against dequantize-then-matmul."""
+    m = 17
+    wf1, wf2 = make_weights(E, H, I, torch.float32)
+    (w1, s1), (w2, s2) = quantize_weight(wf1, per_channel), quantize_weight(wf2, per_channel)
+    x = torch.randn(m, H).half()
+    a1 = (x.float().abs().amax() / quant.FP8_MAX).reshape(1) if static else None
+    a2 = torch.tensor([0.01]) if static else None
+    tw, ti = make_routing(m, E, TOPK)
+    kw = dict(use_fp8_w8a8=True, per_channel_quant=per_channel, w1_scale=s1, w2_scale=s2,
+              a1_scale=a1, a2_scale=a2)
+    want = ref.fused_moe(x, w1, w2, tw, ti, w1_scale=s1, w2_scale=s2, a1_scale=a1,
+                         a2_scale=a2, act_dtype=x.dtype)
+    close(run(x, w1, w2, tw, ti, "triton", **kw), want, FP8_TOL)
+    close(run(x, w1, w2, tw, ti, "torch", **kw), want, TORCH_FP8_TOL)
+    # and the fp8 reference stays near the unquantized one (the scales are applied right)
+    close(want, ref.fused_moe(x, wf1, wf2, tw, ti), (0.5, 0.2))
+
+
+@CPU_ONLY
+def test_quantize_fp8_triton_cpu(monkeypatch):
+    """Scales and values of the quantization kernel on values the interpreter rounds exactly
+    (fp8 grid points; its float8 cast truncates some other values)."""
+    grid = torch.randn(5, 100).to(torch.float8_e4m3fn).float()
+    grid[:, 7] = quant.FP8_MAX
+    x = (grid * torch.tensor([2.0 ** -3, 1, 2.0 ** -2, 4, 0.5])[:, None]).half()
+    x[4] = 0  # an all-zero row: scale MIN_SCALE, zeros
+    want_q, want_s = quant.quantize_fp8_torch(x)
+    for one_pass_max in (quant.ONE_PASS_MAX, 32):  # one pass, then 4 chunks read twice
+        monkeypatch.setattr(quant, "ONE_PASS_MAX", one_pass_max)
+        q, s = quant.quantize_fp8(x, backend="triton")
+        assert torch.equal(s, want_s) and torch.equal(q.float(), want_q.float())
+    q, s = quant.quantize_fp8(x[:1], torch.tensor([2.0 ** -3]), backend="triton")
+    assert torch.equal(q.float(), grid[:1]) and s.tolist() == [0.125]
+    assert torch.equal(want_q.float()[:4], grid[:4])
+    assert want_s[4].item() == pytest.approx(quant.MIN_SCALE)
+
+
+def _compile_sm90(gated: bool, fp8: bool, block: tuple, even_k: bool = True):
+    """Compile the GEMM kernel for sm_90a without a GPU (Triton's bundled ptxas): returns the
+    cubin's (registers, stack bytes) and whether the main loop became async copies + wgmma."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, act, w = kern._moe_gemm_kernel, "*bf16", "*fp8e4nv" if fp8 else "*bf16"
+    aux = "*fp32" if fp8 else act
+    sig = {"a_ptr": w, "b_ptr": w, "c_ptr": act, "a_scale_ptr": aux, "b_scale_ptr": aux,
+           "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+           "total_ptr": "*i32", **{n: "i32" for n in fn.arg_names[9:20]}}
+    bm, bn, bk, group, warps, stages = block
+    const = dict(ROW_DIV=2 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
+                 USE_FP8=fp8, EVEN_K=even_k, DOT_PRECISION="tf32", BLOCK_SIZE_M=bm,
+                 BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group)
+    aligned = [n for n in sig if n.endswith("_ptr")] + ["N", "K", "stride_am", "stride_be",
+                                                         "stride_bn", "stride_cm"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in const}}, const, attrs)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": warps, "num_stages": stages})
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(out.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
+    ttgir = out.asm["ttgir"]
+    return regs, stack, "async_copy" in ttgir, "warp_group_dot" in ttgir
+
+
+SM90_TILES = [  # (gated, fp8, (BM, BN, BK, GROUP_SIZE_M, warps, stages), uses wgmma)
+    (True, False, (16, 32, 256, 1, 4, 3), False),  # decode: mma.sync, deep K
+    (True, False, (128, 64, 64, 16, 8, 4), True),
+    (False, False, (128, 256, 64, 16, 8, 3), True),  # vLLM's tuned prefill tile
+    (True, True, (64, 64, 128, 16, 4, 3), True),
+]
+
+
+@CPU_ONLY
+def test_kernel_compiles_for_sm90():
+    """Tiles the tuner searches compile for Hopper, pipelined (cp.async; wgmma from 64-row
+    blocks) and without spilling: caught here, before a GPU run. In a child process: the
+    interpreter (on in this one) replaces the JIT functions the compiler needs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json; from tests.moe.test_fused_moe import SM90_TILES, _compile_sm90; "
+            "print(json.dumps([_compile_sm90(*t[:3]) for t in SM90_TILES]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0 and ("ptxas" in done.stderr or "No such file" in done.stderr):
+        pytest.skip(f"no sm_90 compile toolchain here: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for (_, _, block, wgmma), (regs, stack, pipelined, uses_wgmma) in zip(
+            SM90_TILES, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert pipelined and uses_wgmma == wgmma and stack == 0 and regs <= 255, block
+
+
+def test_layer_id_is_recorded(monkeypatch):
+    seen = []
+    monkeypatch.setattr(distribution, "record", lambda *a: seen.append(a))
+    w1, w2 = make_weights(E, H, I, torch.float32)
+    tw, ti = make_routing(3, E, TOPK)
+    fused_moe(torch.randn(3, H), w1, w2, tw, ti, layer_id=5, backend="torch")
+    assert len(seen) == 1 and seen[0][0] == 5 and seen[0][1] is ti and seen[0][2] == E
+
+
+def test_default_configs_are_sane():
+    for tokens, e, k in [(1, 8, 2), (64, 128, 8), (4096, 8, 2), (1024, 256, 8)]:
+        up = kern.default_config(tokens, e, k)
+        down = kern.default_config(tokens, e, k, down=True)
+        assert "BLOCK_SIZE_M" not in down and up["BLOCK_SIZE_N"] * 2 == down["BLOCK_SIZE_N"]
+        assert up["BLOCK_SIZE_M"] in (16, 32, 64, 128) and up["prefetch"]
+    # 64 tokens x top-8 over 128 experts: 4 slots per expert, the thinnest block
+    assert kern.default_config(64, 128, 8)["BLOCK_SIZE_M"] == 16
+    assert kern.default_config(4096, 8, 2)["BLOCK_SIZE_M"] == 128
+
+
+# ---- bad inputs --------------------------------------------------------------------------------
+
+def _good():
+    w1, w2 = make_weights(E, H, I, torch.float16)
+    tw, ti = make_routing(3, E, TOPK)
+    return dict(hidden=torch.randn(3, H).half(), w1=w1, w2=w2, topk_weights=tw, topk_ids=ti)
+
+
+def _fp8(per_channel=False):
+    a = _good()
+    (a["w1"], s1), (a["w2"], s2) = (quantize_weight(a["w1"], per_channel),
+                                    quantize_weight(a["w2"], per_channel))
+    return a, dict(use_fp8_w8a8=True, per_channel_quant=per_channel, w1_scale=s1, w2_scale=s2)
+
+
+BAD = [
+    (lambda a: a.update(hidden=a["hidden"].double()), {}, TypeError,
+     "hidden must be bfloat16 or float16 or float32, got float64"),
+    (lambda a: a.update(hidden=a["hidden"][None]), {}, ValueError, "hidden must be 2-D [M, H]"),
+    (lambda a: a.update(w1=a["w1"][:, :, :32]), {}, ValueError,
+     "w1 must have shape [E, 2I, H] with H = 64"),
+    (lambda a: a.update(w1=a["w1"][:, :63]), {}, ValueError, "an even, non-zero 2I"),
+    (lambda a: a.update(w2=a["w2"][:, :, :16]), {}, ValueError,
+     "w2 must have shape [E, H, I] = (4, 64, 32)"),
+    (lambda a: a.update(w1=a["w1"].float()), {}, TypeError, "w1 must be float16, got float32"),
+    (lambda a: a.update(w1=a["w1"].transpose(1, 2).contiguous().transpose(1, 2)), {},
+     ValueError, "w1 must have a contiguous last dimension"),
+    (lambda a: a.update(topk_ids=a["topk_ids"].long()), {}, TypeError,
+     "topk_ids must be int32, got int64"),
+    (lambda a: a.update(topk_weights=a["topk_weights"].half()), {}, TypeError,
+     "topk_weights must be float32, got float16"),
+    (lambda a: a.update(topk_ids=a["topk_ids"][:2]), {}, ValueError,
+     "topk_ids must have shape [M, k] with M = 3"),
+    (lambda a: a.update(topk_ids=a["topk_ids"][:, :1]), {}, ValueError,
+     "topk_weights and topk_ids must have one shape"),
+    (None, {"activation": "gelu"}, ValueError, "activation must be 'silu', got 'gelu'"),
+    (None, {"w1_scale": torch.ones(4)}, ValueError, "w1_scale only apply with use_fp8_w8a8"),
+    (None, {"per_channel_quant": True}, ValueError, "per_channel_quant only apply"),
+    (None, {"use_fp8_w8a8": True}, TypeError, "w1 must be float8_e4m3fn, got float16"),
+    (None, {"expert_map": torch.arange(4)}, TypeError, "expert_map must be int32, got int64"),
+    (None, {"global_num_experts": 8}, ValueError,
+     "global_num_experts (8) differs from w1's 4 experts"),
+    (None, {"expert_map": torch.arange(8, dtype=torch.int32), "global_num_experts": 6},
+     ValueError, "expert_map must have global_num_experts = 6 entries, got 8"),
+    (None, {"inplace": True, "out": torch.empty(3, H).half()}, ValueError,
+     "pass either inplace=True or out"),
+    (None, {"out": torch.empty(3, H + 1).half()}, ValueError, "out must have shape (3, 64)"),
+    (None, {"out": torch.empty(3, H)}, TypeError, "out must be float16, got float32"),
+    (None, {"backend": "cuda"}, ValueError, "fused_moe: backend must be one of"),
+    (None, {"config": [16]}, TypeError, "config must be a dict or None, got list"),
+]
+
+
+@pytest.mark.parametrize("mutate, kw, err, msg", BAD, ids=[b[3][:40] for b in BAD])
+def test_bad_inputs(mutate, kw, err, msg):
+    a, kw = _good(), dict(kw)
+    backend = kw.pop("backend", "torch")
+    if mutate is not None:
+        mutate(a)
+    with pytest.raises(err) as info:
+        fused_moe(**a, **kw, backend=backend)
+    assert msg in str(info.value)
+
+
+FP8_BAD = [
+    (False, {"w1_scale": None}, ValueError, "use_fp8_w8a8 needs w1_scale (fp32 [4])"),
+    (False, {"w2_scale": torch.ones(4, 64)}, ValueError,
+     "w2_scale must hold per tensor scales [4], got shape (4, 64)"),
+    (True, {"w1_scale": torch.ones(4)}, ValueError,
+     "w1_scale must hold per channel scales [4, 64], got shape (4,)"),
+    (False, {"w1_scale": torch.ones(4).half()}, TypeError, "w1_scale must be float32"),
+    (False, {"a1_scale": torch.ones(2)}, ValueError,
+     "a1_scale must be a per-tensor scale (1 element), got shape (2,)"),
+]
+
+
+@pytest.mark.parametrize("per_channel, kw, err, msg", FP8_BAD, ids=[b[3][:40] for b in FP8_BAD])
+def test_bad_fp8_inputs(per_channel, kw, err, msg):
+    a, fp8 = _fp8(per_channel)
+    with pytest.raises(err) as info:
+        fused_moe(**a, **{**fp8, **kw}, backend="torch")
+    assert msg in str(info.value)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("config, msg", [
+    ({"BLOCK_SIZE_M": 16}, "config needs BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K"),
+    ({**SMALL, "BLOCK_SIZE_N": 24}, "config['up']['BLOCK_SIZE_N'] must be a positive int (a "
+                                    "power of two >= 16"),
+    ({"up": SMALL, "down": 3}, "config['up'] and config['down'] must both be dicts"),
+    ({**SMALL, "BLOCK_SIZE_K": 8}, "power of two >= 16 for block sizes), got 8"),
+    ({"up": SMALL, "down": {**SMALL, "BLOCK_SIZE_M": 32}},
+     "config['down']['BLOCK_SIZE_M'] (32) must equal config['up']'s (16)"),
+])
+def test_bad_configs(config, msg):
+    a = _good()
+    with pytest.raises((ValueError, TypeError)) as info:
+        fused_moe(**a, config=config, backend="triton")
+    assert msg in str(info.value)
+
+
+@CPU_ONLY
+def test_bad_chunk_size(monkeypatch):
+    monkeypatch.setenv("VLLM_FUSED_MOE_CHUNK_SIZE", "0")
+    with pytest.raises(ValueError, match="VLLM_FUSED_MOE_CHUNK_SIZE must be >= 1, got 0"):
+        fused_moe(**_good(), backend="triton")
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+# (E, topk, H, I): the bench presets (Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V3-style).
+MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768),
+          "deepseek-v3": (256, 8, 7168, 2048)}
+_WEIGHTS: dict = {}
+
+
+def gpu_weights(E, H, I, dtype=torch.bfloat16):  # noqa: E741
+    """One model's weights at a time (DeepSeek's are 22 GB in bf16)."""
+    key = (E, H, I, dtype)
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        torch.cuda.empty_cache()
+        _WEIGHTS[key] = make_weights(E, H, I, dtype, "cuda")
+    return _WEIGHTS[key]
+
+
+@gpu
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 1024])
+def test_gpu_bench_shapes(model, m):
+    E_, k, h, i = MODELS[model]
+    w1, w2 = gpu_weights(E_, h, i)
+    tw, ti = make_routing(m, E_, k, "cuda")
+    check(torch.randn(m, h, device="cuda").bfloat16(), w1, w2, tw, ti)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("E_, k, h, i, m", [(8, 2, 1000, 333, 7), (8, 2, 1000, 333, 333),
+                                            (60, 4, 2048, 1408, 333), (16, 1, 576, 200, 257),
+                                            (64, 6, 1024, 352, 1)])
+def test_gpu_odd_sizes(dtype, E_, k, h, i, m):
+    w1, w2 = make_weights(E_, h, i, dtype, "cuda")
+    tw, ti = make_routing(m, E_, k, "cuda")
+    check(torch.randn(m, h, device="cuda").to(dtype), w1, w2, tw, ti)
+
+
+# Tiles the tuner may pick, each at an odd shape: small/large M blocks, deep K, grouping, 8 warps,
+# prefetch off (num_stages 1), separate up/down configs.
+GPU_CONFIGS = [
+    {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 256, "num_stages": 2},
+    {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "num_warps": 8,
+     "num_stages": 5},
+    {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 16,
+     "num_stages": 1},
+    {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16,
+     "num_warps": 8, "num_stages": 3},
+    {"up": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_stages": 3},
+     "down": {"BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "num_warps": 8, "num_stages": 3}},
+]
+
+
+@gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS)
+@pytest.mark.parametrize("m", [5, 600])
+def test_gpu_configs(config, m):
+    w1, w2 = make_weights(8, 1000, 333, torch.bfloat16, "cuda")
+    tw, ti = make_routing(m, 8, 2, "cuda")
+    check(torch.randn(m, 1000, device="cuda").bfloat16(), w1, w2, tw, ti, config=config)
+
+
+@gpu
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("m", [1, 64, 333])
+def test_gpu_fp8(per_channel, static, m):
+    E_, k, h, i = 8, 2, 1024, 1536
+    wf1, wf2 = make_weights(E_, h, i, torch.float32, "cuda")
+    (w1, s1), (w2, s2) = quantize_weight(wf1, per_channel), quantize_weight(wf2, per_channel)
+    x = torch.randn(m, h, device="cuda").bfloat16()
+    a1 = (x.float().abs().amax() / quant.FP8_MAX).reshape(1) if static else None
+    a2 = torch.tensor([0.02], device="cuda") if static else None
+    tw, ti = make_routing(m, E_, k, "cuda")
+    kw = dict(use_fp8_w8a8=True, per_channel_quant=per_channel, w1_scale=s1, w2_scale=s2,
+              a1_scale=a1, a2_scale=a2)
+    want = ref.fused_moe(x, w1, w2, tw, ti, w1_scale=s1, w2_scale=s2, a1_scale=a1,
+                         a2_scale=a2, act_dtype=x.dtype)
+    close(run(x, w1, w2, tw, ti, "triton", **kw), want, FP8_TOL)
+    close(run(x, w1, w2, tw, ti, "torch", **kw), want, TORCH_FP8_TOL)
+
+
+@gpu
+def test_gpu_quantize_fp8_matches_torch():
+    """Bit-exact: both divide with round-to-nearest and round to fp8 to nearest even."""
+    for rows, cols in [(1, 7), (333, 2048), (5, 14336), (3, 20000)]:  # one pass, then two
+        x = torch.randn(rows, cols, device="cuda").bfloat16() * 3
+        x[0] = 0
+        q, s = quant.quantize_fp8(x)
+        want_q, want_s = quant.quantize_fp8_torch(x)
+        assert torch.equal(s, want_s) and torch.equal(q.float(), want_q.float())
+        a_scale = torch.tensor([0.01], device="cuda")
+        q, s = quant.quantize_fp8(x[1:], a_scale)
+        assert torch.equal(q.float(), quant.quantize_fp8_torch(x[1:], a_scale)[0].float())
+
+
+@gpu
+def test_gpu_expert_map_chunking_inplace(monkeypatch):
+    monkeypatch.setenv("VLLM_FUSED_MOE_CHUNK_SIZE", "64")
+    w1, w2 = make_weights(6, 1024, 384, torch.bfloat16, "cuda")
+    expert_map = torch.full((16,), -1, dtype=torch.int32, device="cuda")
+    expert_map[torch.tensor([1, 4, 5, 9, 12, 15])] = torch.arange(6, dtype=torch.int32,
+                                                                  device="cuda")
+    x = torch.randn(333, 1024, device="cuda").bfloat16()
+    tw, ti = make_routing(333, 16, 4, "cuda")
+    check(x, w1, w2, tw, ti, expert_map=expert_map)
+    want = ref.fused_moe(x, w1, w2, tw, ti, expert_map=expert_map, act_dtype=x.dtype)
+    assert fused_moe(x, w1, w2, tw, ti, expert_map=expert_map, inplace=True) is x
+    close(x, want, TOL[torch.bfloat16])
+
+
+@gpu
+def test_gpu_non_contiguous_hidden():
+    w1, w2 = make_weights(8, 1024, 512, torch.bfloat16, "cuda")
+    tw, ti = make_routing(100, 8, 2, "cuda")
+    big = torch.randn(120, 1300, device="cuda").bfloat16()
+    check(big[10:110, 100:1124], w1, w2, tw, ti)  # strided rows
+    check(torch.randn(1024, 100, device="cuda").bfloat16().t(), w1, w2, tw, ti)  # copied
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_backends_bench_shape(backend):
+    E_, k, h, i = MODELS["qwen3-30b-a3b"]
+    w1, w2 = gpu_weights(E_, h, i)
+    tw, ti = make_routing(64, E_, k, "cuda")
+    check(torch.randn(64, h, device="cuda").bfloat16(), w1, w2, tw, ti, backend)
+
+
+@gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_cuda_graph(fp8):
+    """Capture once (align included), replay on new tokens and new routing."""
+    E_, k, h, i, m = 16, 4, 1024, 512, 48
+    w1, w2 = make_weights(E_, h, i, torch.bfloat16, "cuda")
+    kw = {}
+    if fp8:
+        (w1, s1), (w2, s2) = quantize_weight(w1, False), quantize_weight(w2, False)
+        kw = dict(use_fp8_w8a8=True, w1_scale=s1, w2_scale=s2)
+    x = torch.randn(m, h, device="cuda").bfloat16()
+    tw, ti = make_routing(m, E_, k, "cuda")
+    out = torch.empty_like(x)
+    fused_moe(x, w1, w2, tw, ti, out=out, **kw)  # compile, look up configs, warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_moe(x, w1, w2, tw, ti, out=out, **kw)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        new_w, new_ids = make_routing(m, E_, k, "cuda")
+        tw.copy_(new_w)
+        ti.copy_(new_ids)
+        out.fill_(float("nan"))
+        graph.replay()
+        want = ref.fused_moe(x, w1, w2, tw, ti, act_dtype=x.dtype,
+                             **({"w1_scale": s1, "w2_scale": s2} if fp8 else {}))
+        close(out, want, FP8_TOL if fp8 else TOL[torch.bfloat16])
