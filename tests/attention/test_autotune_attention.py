@@ -15,12 +15,11 @@ import torch
 
 import autotune
 from autotune import attention as drv
-from autotune import shipped
-from pykernels import _log
 from pykernels.attention import PagedDecode, PagedPrefill, _dispatch, paged_decode, ref, tunables
 from pykernels.attention import triton_decode as td
 from pykernels.attention import triton_prefill as tp
 from tests.attention._cases import TOL, Paged
+from tests.autotune.autotune_helpers import isolated_cache
 
 DT = torch.float16
 HQ, HKV, D, PAGE = 4, 2, 64, 16
@@ -35,16 +34,8 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     """A fresh cache folder, no shipped configs, no env backend, fresh memos and log keys."""
-    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SGLANG_FLASHINFER_AUTOTUNE_CACHE", raising=False)
-    monkeypatch.delenv("VLLM_ATTENTION_BACKEND", raising=False)
-    monkeypatch.setattr(shipped, "CONFIGS_DIR", tmp_path / "configs")
-    _log.warn_once.__kwdefaults__["_seen"].clear()
-    autotune.set_batch_sizes(None)
-    autotune.reset()
-    yield tmp_path / "cache" / "autotune"
-    autotune.set_batch_sizes(None)
-    autotune.reset()
+    with isolated_cache(tmp_path, monkeypatch, "VLLM_ATTENTION_BACKEND") as folder:
+        yield folder
 
 
 @pytest.fixture

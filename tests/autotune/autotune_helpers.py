@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from autotune.tuner import Case
 
 
@@ -52,3 +54,27 @@ def other_env_meta(tunable, **changes):
     meta = dict(tunable.metadata())
     meta.update(changes or {"torch": "0.0.0-other"})
     return meta
+
+
+@contextlib.contextmanager
+def isolated_cache(tmp_path, monkeypatch, *unset_env: str):
+    """A fresh autotune cache under tmp_path, no shipped configs, no tuning env overrides (plus
+    `unset_env`), fresh memos and warn-once keys; yields the cache's autotune folder."""
+    import autotune
+    from autotune import shipped
+    from pykernels import _log
+
+    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("SGLANG_FLASHINFER_AUTOTUNE_CACHE", "TRITON_DISABLE_MACA_OPT_MMA_PREFETCH",
+                 *unset_env):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(shipped, "CONFIGS_DIR", tmp_path / "configs")
+    _log.warn_once.__kwdefaults__["_seen"].clear()
+    autotune.set_batch_sizes(None)
+    autotune.reset()
+    try:
+        yield tmp_path / "cache" / "autotune"
+    finally:
+        autotune.set_batch_sizes(None)
+        autotune.reset()
+

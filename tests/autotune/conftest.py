@@ -14,23 +14,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import autotune  # noqa: E402
-from autotune import env, shipped  # noqa: E402
-from pykernels import _log  # noqa: E402
-from tests.autotune.autotune_helpers import default_cfg  # noqa: E402
+from autotune import env  # noqa: E402
+from tests.autotune.autotune_helpers import default_cfg, isolated_cache  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SGLANG_FLASHINFER_AUTOTUNE_CACHE", raising=False)
-    monkeypatch.delenv("TRITON_DISABLE_MACA_OPT_MMA_PREFETCH", raising=False)
-    monkeypatch.setattr(shipped, "CONFIGS_DIR", tmp_path / "configs")
-    _log.warn_once.__kwdefaults__["_seen"].clear()
-    autotune.set_batch_sizes(None)
-    autotune.reset()
-    yield tmp_path / "cache" / "autotune"
-    autotune.set_batch_sizes(None)
-    autotune.reset()
+    with isolated_cache(tmp_path, monkeypatch) as folder:
+        yield folder
 
 
 @pytest.fixture

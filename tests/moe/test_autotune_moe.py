@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import autotune
-from autotune import moe, shipped
+from autotune import moe
 from autotune.space import canonical
 from autotune.tuner import plan
 from bench import shapes
-from pykernels import _log
 from pykernels.moe import fused_moe, ref
 from pykernels.moe import fused_moe_triton as kern
+from tests.autotune.autotune_helpers import isolated_cache
 
 TINY = ["--shape", "E=4,H=64,I=32,topk=2", "--batch-sizes", "1,4", "--dtype", "float16"]
 TINY_SHAPE = {"E": 4, "H": 64, "I": 32, "topk": 2, "quant": "none", "dtype": "float16"}
@@ -25,17 +25,9 @@ PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"]
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     """Own cache folder, no shipped configs, powers-of-two buckets before and after."""
-    monkeypatch.setenv("PYKERNELS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SGLANG_FLASHINFER_AUTOTUNE_CACHE", raising=False)
-    monkeypatch.delenv("TRITON_DISABLE_MACA_OPT_MMA_PREFETCH", raising=False)
-    monkeypatch.setattr(shipped, "CONFIGS_DIR", tmp_path / "configs")
-    _log.warn_once.__kwdefaults__["_seen"].clear()
-    autotune.set_batch_sizes(None)
-    autotune.reset()
-    yield tmp_path / "cache" / "autotune"
-    moe._QUANT["value"] = "none"
-    autotune.set_batch_sizes(None)
-    autotune.reset()
+    with isolated_cache(tmp_path, monkeypatch) as folder:
+        yield folder
+        moe._QUANT["value"] = "none"
 
 
 def _plans(op: str, model: str, quant: str = "none"):
