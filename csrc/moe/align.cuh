@@ -203,6 +203,18 @@ __global__ void __launch_bounds__(kSmallThreads) align_small_kernel(
 
 // ---- large path: count -> scan -> scatter -------------------------------------------------------
 
+// The experts of slots base + u * blockDim.x + threadIdx.x (u < kUnroll; -1 past end), all
+// loads issued before any is used.
+template <typename IdT>
+__device__ __forceinline__ void load_experts(const IdT* __restrict__ ids, int base, int end,
+                                             int num_experts, int (&e)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int i = base + u * blockDim.x + threadIdx.x;
+    e[u] = i < end ? expert_of(ids, i, num_experts) : -1;
+  }
+}
+
 // CTA c counts the slots [c * chunk, (c + 1) * chunk) per expert into counts[c * E + e] (every
 // entry written: no zeroing launch), and all CTAs fill `sorted` with the sentinel; the scatter
 // pass overwrites the real slots. Shared memory: s_count[E].
@@ -217,11 +229,7 @@ __global__ void align_count_kernel(const IdT* __restrict__ ids, int numel, int n
   const int end = min(numel, begin + chunk);
   for (int base = begin; base < end; base += kUnroll * blockDim.x) {  // uniform trip count
     int e[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * blockDim.x + threadIdx.x;
-      e[u] = i < end ? expert_of(ids, i, num_experts) : -1;
-    }
+    load_experts(ids, base, end, num_experts, e);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) warp_add(s_count, e[u]);
   }
@@ -283,11 +291,7 @@ __global__ void align_scatter_kernel(const IdT* __restrict__ ids, int numel, int
   const int end = min(numel, begin + chunk);
   for (int base = begin; base < end; base += kUnroll * blockDim.x) {  // uniform trip count
     int e[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * blockDim.x + threadIdx.x;
-      e[u] = i < end ? expert_of(ids, i, num_experts) : -1;
-    }
+    load_experts(ids, base, end, num_experts, e);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int pos = warp_add_rank(s_base, e[u]);

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from pykernels import _ops
-from pykernels.attention import _common
+from pykernels.attention import _common, tunables
 
 _ops.load()
 
@@ -38,8 +38,6 @@ def decode_plan(spec: _common.Spec, batch: int, total_pages: int, config: dict |
     (csrc/attention/decode_utils.cuh).
     From ``config``, else the tuned value (Tunable ``paged_decode_cuda``, memoized per bucket);
     0 means the heuristic."""
-    from pykernels.attention import tunables  # light; imported here to keep this edit local
-
     if not config:
         config = tunables.DECODE_CUDA.lookup(batch=max(batch, 1),
                                              **tunables.spec_key(spec, total_pages, batch))

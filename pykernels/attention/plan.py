@@ -127,9 +127,7 @@ class GenericPrefillRunner:
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
              num_tokens: int | None = None) -> None:
         batch = _common.check_table(kv_indptr, kv_indices, kv_last_page_len)
-        _common.index_tensor("qo_indptr", qo_indptr, batch + 1)
-        if num_tokens is None:  # a host read when qo_indptr lives on the GPU
-            num_tokens = int(qo_indptr[-1] - qo_indptr[0])
+        num_tokens = _prefill_tokens(qo_indptr, batch, num_tokens)
         self.num_tokens = num_tokens
         self.decode.plan(kv_indptr, kv_indices, kv_last_page_len)
         self.max_page, self.table = self.decode.max_page, self.decode.table
@@ -218,6 +216,13 @@ class AutoRunner:
         return getattr(self.current, "max_page", -1)
 
 
+def _prefill_tokens(qo_indptr: torch.Tensor, batch: int, num_tokens: int | None) -> int:
+    """Checks qo_indptr against the batch; the query-token count, given or read from it (a host
+    read when qo_indptr lives on the GPU: pass num_tokens there)."""
+    _common.index_tensor("qo_indptr", qo_indptr, batch + 1)
+    return int(qo_indptr[-1] - qo_indptr[0]) if num_tokens is None else num_tokens
+
+
 def _total_pages(kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> int:
     """Pages of a table as the decode plans count them: read on the host, an upper bound (the
     length of kv_indices) on the device, which is never read back."""
@@ -237,9 +242,7 @@ class AutoPrefillRunner(AutoRunner):
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
              num_tokens: int | None = None) -> None:
         batch = _common.check_table(kv_indptr, kv_indices, kv_last_page_len)
-        _common.index_tensor("qo_indptr", qo_indptr, batch + 1)
-        if num_tokens is None:  # a host read when qo_indptr lives on the GPU
-            num_tokens = int(qo_indptr[-1] - qo_indptr[0])
+        num_tokens = _prefill_tokens(qo_indptr, batch, num_tokens)
         self._plan(batch, _total_pages(kv_indptr, kv_indices), num_tokens,
                    lambda r: r.plan(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                                     num_tokens=num_tokens))
