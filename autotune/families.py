@@ -1,5 +1,5 @@
-"""The tuning drivers, by family: `python -m autotune.<family>`. A new kernel family adds a line
-(attention, moe and gemm will). Top floor: importing a driver imports its kernels."""
+"""The tuning drivers, by family: `python -m autotune.<family>`. A new kernel family adds a line.
+Top floor: importing a driver imports its kernels."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ FAMILIES = {
     "activation": "autotune.activation",
     "attention": "autotune.attention",
     "moe": "autotune.moe",
+    "gemm": "autotune.gemm",
 }
 
 

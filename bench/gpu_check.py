@@ -25,6 +25,7 @@ BENCHES = [
     ("bench.norm", "bench.norm", ["--quick", "--out", "{out}/results"]),
     ("bench.attention", "bench.attention", ["--backend", "all", "--quick", "--mode", "all",
                                             "--out", "{out}/results"]),
+    ("bench.gemm", "bench.gemm", ["--quick", "--out", "{out}/results"]),
     ("microbench", "pytest", ["-m", "gpu", "-q", "-p", "no:cacheprovider",
                               "tests/bench/test_microbench.py", "--benchmark-only",
                               "--benchmark-json={out}/microbench.json"]),

@@ -82,3 +82,20 @@ GEMM_NK = [(4096, 4096), (8192, 8192), (28672, 4096), (4096, 14336)]
 GEMM_M = [1, 16, 64, 256, 1024]
 # Token counts of the elementwise/norm ops at decode and prefill sizes.
 TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+# The M grid of bench.gemm / autotune.gemm: GEMM_M plus a prefill-sized 4096.
+GEMM_M_FULL = [1, 16, 64, 256, 1024, 4096]
+# Dense models whose linear layers bench.gemm adds to the ANCHORS shapes (GEMM_NK).
+GEMM_MODELS = ("llama-3-8b", "llama-3-70b", "qwen3-8b", "qwen3-0.6b")
+
+
+def linear_shapes(name: str) -> list[tuple[str, int, int]]:
+    """(layer, N, K) of a model's linear layers, fused as a serving engine runs them: qkv_proj
+    (q heads + 2 x kv heads), o_proj, and for a dense MLP gate_up_proj (2 x intermediate) and
+    down_proj. MoE models list the attention projections only (their MLPs are experts)."""
+    m = get(name)
+    q, kv = m.num_q_heads * m.head_dim, m.num_kv_heads * m.head_dim
+    out = [("qkv_proj", q + 2 * kv, m.hidden), ("o_proj", m.hidden, q)]
+    if not m.is_moe:
+        out += [("gate_up_proj", 2 * m.intermediate, m.hidden),
+                ("down_proj", m.hidden, m.intermediate)]
+    return out

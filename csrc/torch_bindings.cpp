@@ -18,6 +18,8 @@ TORCH_LIBRARY(pykernels, m) {
   m.def("moe_align_block_size(Tensor! sorted_token_ids, Tensor! expert_ids, "
         "Tensor! num_tokens_post_padded, Tensor topk_ids, int num_experts, int block_size, "
         "Tensor? expert_map) -> ()");
+  m.def("fp8_marlin_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor! locks, "
+        "int block_n, int block_m, int splits, int num_stages, bool use_atomic_add) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
@@ -27,6 +29,7 @@ TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
   m.impl("paged_decode", &paged_decode);
   m.impl("append_paged_kv", &append_paged_kv);
   m.impl("moe_align_block_size", &moe_align_block_size);
+  m.impl("fp8_marlin_gemm", &fp8_marlin_gemm);
 }
 
 // Lets `import pykernels._C` load the prebuilt library (the ops register at load time).

@@ -21,8 +21,8 @@
 #include <cstdint>
 
 #include "../common/vec.cuh"
-#include "async_copy.cuh"
-#include "mma.cuh"
+#include "../common/async_copy.cuh"
+#include "../common/mma.cuh"
 
 namespace pykernels {
 namespace attention {

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "../common/checks.h"
+#include "../common/device.h"
 #include "align.cuh"
 
 namespace pykernels {
@@ -32,20 +33,6 @@ void check_int32_out(const at::Tensor& t, const char* name, const at::Tensor& id
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == size, name, " must have shape [", size,
                     "], got ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
-}
-
-// SMs of the current device, cached: no driver call on the hot path (or inside a graph capture).
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int sms = device < kMaxDevices ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
 }
 
 template <typename IdT>

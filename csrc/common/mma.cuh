@@ -16,7 +16,6 @@
 #include <cstdint>
 
 namespace pykernels {
-namespace attention {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -75,5 +74,4 @@ __device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-}  // namespace attention
 }  // namespace pykernels

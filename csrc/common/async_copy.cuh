@@ -5,7 +5,6 @@
 #include <cstdint>
 
 namespace pykernels {
-namespace attention {
 
 // Copies 16 bytes, or zero-fills them when !valid (src-size 0: nothing is read from src).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
@@ -24,5 +23,4 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-}  // namespace attention
 }  // namespace pykernels

@@ -1,0 +1,26 @@
+// Host-side facts about the current CUDA device, cached: no driver call on the hot path (or
+// inside a CUDA-graph capture).
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+
+namespace pykernels {
+
+// SMs of the current device.
+inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int sms = device < kMaxDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+}  // namespace pykernels

@@ -1,0 +1,367 @@
+// FP8 weight-only GEMM (W8A16), Marlin's ideas rewritten for our layout: out[m, n] =
+// sum_k x[m, k] * q[n, k] * scale[n (, k / 128)], x bf16/fp16, q e4m3. Torch-free.
+//
+// Swap-AB: the weight is the mma A operand (m16 = 16 output channels) and the tokens are its n8
+// side, so M = 1 wastes 7/8 of an mma instead of 15/16. A CTA (4 warps) owns BN = 64 MI channels
+// x BM tokens and a range of 128-wide K panels (split-K); warp w owns channels
+// [16 MI w, 16 MI (w + 1)): with MI = 2 each activation fragment read from shared memory feeds two
+// mma (at BM = 32, MI = 1 reads 2x the weight bytes in activations per panel).
+//
+// Per K panel one pipeline stage holds (cp.async, XOR-swizzled 16-byte chunks):
+//   W: BN rows x 128 fp8 (one contiguous run of the packed [KT, N, 128] tensor),
+//   X: BM rows x 128 activations (BM x 256 B), and for group scales BN fp32.
+// A fragments come from ldmatrix on the fp8 bytes: lane (g, t) gets bytes 4t..4t+3 of rows g and
+// g + 8 per 16-k step. Those four k's feed the mma's k slots (2t, 2t+1) and (2t+8, 2t+9); the
+// B fragment (activations) is then the same four k's, one 8-byte shared load, no shuffle.
+// FP8 -> 16-bit by bit tricks: a byte permute puts two e4m3 bytes at the top of two 16-bit lanes,
+// a shift and a mask move exponent and mantissa into place, one multiply by 2^(bias difference)
+// (2^120 for bf16, 2^8 for fp16; exact) or by the group scale rebases the exponent.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../common/async_copy.cuh"
+#include "../common/mma.cuh"
+#include "../common/vec.cuh"
+
+namespace pykernels {
+namespace fp8_gemm {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kBlockK = 128;   // one packed K panel (and one scale group)
+
+struct Params {
+  const void* x;        // [M, K] with row stride x_stride (elements), 16-byte aligned rows
+  const uint8_t* w;     // [KT, N, 128] e4m3
+  const float* scales;  // [N] or [KT, N]
+  void* out;            // [M, N] with row stride out_stride
+  float* partial;       // split-K: [tiles, splits, BM / 8, 128 threads] float4 (lock mode) or
+                        // [tiles, BM / 8, 128] float4 zeroed (atomic mode)
+  int* locks;           // [tiles] zeroed; each tile's counter is reset by its last CTA
+  int64_t x_stride, out_stride;
+  int m, n, k, kt;      // kt = ceil(k / 128)
+  int splits, stages;
+  bool atomic;
+};
+
+template <typename T>
+struct Fp8Traits;
+
+template <>
+struct Fp8Traits<__nv_bfloat16> {
+  // Exponent field at bits 14..7 (8 bits): e4m3's eeee.mmm move right by 4 (into bits 10..4).
+  static constexpr int kShift = 4;
+  static constexpr uint32_t kMask = 0x07F007F0u;
+  static __device__ __forceinline__ float bias() { return 0x1p120f; }  // 2^(127 - 7)
+};
+
+template <>
+struct Fp8Traits<__half> {
+  // Exponent field at bits 14..10 (5 bits): eeee.mmm move right by 1 (into bits 13..7).
+  static constexpr int kShift = 1;
+  static constexpr uint32_t kMask = 0x3F803F80u;
+  static __device__ __forceinline__ float bias() { return 256.0f; }  // 2^(15 - 7)
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b);
+
+template <>
+__device__ __forceinline__ uint32_t mul2<__nv_bfloat16>(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a),
+                             *reinterpret_cast<__nv_bfloat162*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+template <>
+__device__ __forceinline__ uint32_t mul2<__half>(uint32_t a, uint32_t b) {
+  __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// Two e4m3 bytes of `word` (selected by `perm`: 0x1404 the low two, 0x3424 the high two) as two
+// 16-bit values times `scale2` (both lanes); the lower byte lands in the low lane.
+template <typename T, uint32_t kPerm>
+__device__ __forceinline__ uint32_t dequant2(uint32_t word, uint32_t scale2) {
+  const uint32_t v = __byte_perm(word, 0u, kPerm);  // bytes at bits 15..8 and 31..24
+  const uint32_t bits = (v & 0x80008000u) | ((v >> Fp8Traits<T>::kShift) & Fp8Traits<T>::kMask);
+  return mul2<T>(bits, scale2);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t splat2(float s) {
+  return pack2<T>(s, s);
+}
+
+// Shared-memory byte offset of 16-byte chunk c of row r (rows of `row_bytes`): XOR swizzle so
+// that 8 rows read at one logical column hit 8 different bank groups.
+__device__ __forceinline__ int swz(int r, int c, int row_bytes) {
+  return r * row_bytes + ((c ^ (r & 7)) << 4);
+}
+
+// One instantiation's tile: MI m16 weight tiles per warp (BN = 64 MI channels per CTA), BM
+// tokens (BM / 8 mma n-blocks).
+template <int MI, int BM, bool kGrouped>
+struct Tile {
+  static constexpr int kBN = 4 * 16 * MI;
+  static constexpr int kNB = BM / 8;
+  static constexpr int kWBytes = kBN * kBlockK;
+  static constexpr int kXBytes = BM * kBlockK * 2;
+  static constexpr int kSBytes = kGrouped ? kBN * 4 : 0;
+  static constexpr int kStageBytes = kWBytes + kXBytes + kSBytes;
+  static constexpr int kWChunks = kWBytes / 16 / kThreads;  // per thread per stage
+  static constexpr int kXChunks = BM * 16 / kThreads;       // BM >= 8: >= 1
+};
+
+// The cp.async copies of one K panel, with every per-thread address computed once: a stage is
+// W (BN rows x 128 B, one contiguous run of the packed weight), X (BM rows x 256 B; rows >= m
+// and, in a K % 128 == 64 tail, columns >= k zero-filled) and the group scales.
+template <typename T, int MI, int BM, bool kGrouped>
+struct Loader {
+  using Tl = Tile<MI, BM, kGrouped>;
+  const uint8_t* w;  // this thread's first W chunk in panel 0
+  const T* x;        // this thread's first X chunk in panel 0
+  const T* x_any;    // a valid address for the zero-filled copies (nothing is read from it)
+  const float* s;
+  int64_t w_panel, x_row8;  // bytes between panels; elements between rows r and r + 8
+  int w_dst, x_dst, x_rows, x_col;  // shared offsets; valid X chunks; this thread's column
+
+  __device__ __forceinline__ Loader(const Params& p, int n0, int m0) {
+    const int tid = threadIdx.x;
+    const int wr = tid >> 3, xr = tid >> 4, xc = tid & 15;
+    w = p.w + (int64_t)n0 * kBlockK + tid * 16;
+    w_panel = (int64_t)p.n * kBlockK;
+    w_dst = swz(wr, tid & 7, kBlockK);
+    x_col = xc * 8;
+    x_row8 = 8 * p.x_stride;
+    x_any = static_cast<const T*>(p.x);
+    x = x_any + (int64_t)(m0 + xr) * p.x_stride + x_col;
+    x_dst = Tl::kWBytes + swz(xr, xc, kBlockK * 2);
+    const int rows_left = p.m - m0 - xr;  // chunk i is row xr + 8 i: valid while 8 i < rows_left
+    x_rows = rows_left <= 0 ? 0 : min(Tl::kXChunks, (rows_left + 7) / 8);
+    s = p.scales + n0 + tid * 4;
+  }
+
+  __device__ __forceinline__ void load(const Params& p, uint8_t* stage, int kt) const {
+    const uint8_t* wsrc = w + kt * w_panel;
+#pragma unroll
+    for (int i = 0; i < Tl::kWChunks; ++i) {
+      cp_async_16(stage + w_dst + i * 16 * kBlockK, wsrc + i * 16 * kThreads, true);
+    }
+    const bool col_ok = kt * kBlockK + x_col < p.k;
+    const T* xsrc = x + kt * kBlockK;
+#pragma unroll
+    for (int i = 0; i < Tl::kXChunks; ++i) {
+      const bool ok = i < x_rows && col_ok;
+      cp_async_16(stage + x_dst + i * 8 * kBlockK * 2, ok ? xsrc + i * x_row8 : x_any, ok);
+    }
+    if constexpr (kGrouped) {
+      if (threadIdx.x < Tl::kBN / 4) {
+        cp_async_16(stage + Tl::kWBytes + Tl::kXBytes + threadIdx.x * 16, s + kt * p.n, true);
+      }
+    }
+  }
+};
+
+// acc[mi][j] += W(m16 tile mi of this warp) x X(tokens 8j..8j+7)^T over one K panel in shared
+// memory. `bias2` is 2^(bias difference) in both lanes (per-channel scales are applied at the end).
+template <typename T, int MI, int BM, bool kGrouped>
+__device__ __forceinline__ void compute_stage(const uint8_t* stage, uint32_t bias2,
+                                              float (&acc)[MI][BM / 8][4]) {
+  using Tl = Tile<MI, BM, kGrouped>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  uint32_t sc[MI][2];  // rows g and g + 8 of each m16 tile
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    if constexpr (kGrouped) {
+      const float* s = reinterpret_cast<const float*>(stage + Tl::kWBytes + Tl::kXBytes);
+      const int row = warp * 16 * MI + mi * 16 + g;
+      sc[mi][0] = splat2<T>(s[row] * Fp8Traits<T>::bias());
+      sc[mi][1] = splat2<T>(s[row + 8] * Fp8Traits<T>::bias());
+    } else {
+      sc[mi][0] = sc[mi][1] = bias2;
+    }
+  }
+  // ldmatrix.x4 row addresses: lanes 8q..8q+7 give matrix q = (rows +8 if q odd, chunk +1 if
+  // q > 1). The swizzle XOR is the same for every chunk pair: only the pair index varies.
+  const int lrow = warp * 16 * MI + (lane & 7) + ((lane >> 3) & 1) * 8;
+  const int lx = (lane >> 4) ^ (lrow & 7);
+  const uint8_t* wbase = stage + lrow * kBlockK;
+  // X: the 8 bytes at k 16 ks + 4t of token row 8j + g: chunk (2 ks + t / 2) ^ g.
+  const uint8_t* xbase = stage + Tl::kWBytes + g * kBlockK * 2 + (t & 1) * 8;
+  const int xx = (t >> 1) ^ g;
+#pragma unroll
+  for (int kp = 0; kp < kBlockK / 32; ++kp) {
+    uint32_t w4[MI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      ldmatrix_x4(w4[mi], wbase + mi * 16 * kBlockK + (((2 * kp) ^ lx) << 4));
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // the two 16-k steps of this ldmatrix
+      uint32_t a[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const uint32_t lo = w4[mi][2 * h], hi = w4[mi][2 * h + 1];  // rows g, g + 8
+        a[mi][0] = dequant2<T, 0x1404>(lo, sc[mi][0]);
+        a[mi][1] = dequant2<T, 0x1404>(hi, sc[mi][1]);
+        a[mi][2] = dequant2<T, 0x3424>(lo, sc[mi][0]);
+        a[mi][3] = dequant2<T, 0x3424>(hi, sc[mi][1]);
+      }
+      const uint8_t* xrow = xbase + (((2 * (2 * kp + h)) ^ xx) << 4);
+#pragma unroll
+      for (int j = 0; j < BM / 8; ++j) {
+        const uint2 b = *reinterpret_cast<const uint2*>(xrow + j * 8 * kBlockK * 2);
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) mma_16816<T>(acc[mi][j], a[mi], b.x, b.y);
+      }
+    }
+  }
+}
+
+// Scales (per channel) and stores one CTA's tile: acc[mi][j] = (channel g / g + 8 of m16 tile
+// mi, tokens 8j + 2t, + 1).
+template <typename T, int MI, int BM, bool kGrouped>
+__device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[MI][BM / 8][4],
+                                           int n0, int m0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    const int n_lo = n0 + warp * 16 * MI + mi * 16 + g, n_hi = n_lo + 8;
+    const float sc_lo = kGrouped ? 1.f : __ldg(p.scales + n_lo);
+    const float sc_hi = kGrouped ? 1.f : __ldg(p.scales + n_hi);
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int m = m0 + j * 8 + 2 * t + c;
+        if (m < p.m) {
+          out[(int64_t)m * p.out_stride + n_lo] = from_float<T>(acc[mi][j][c] * sc_lo);
+          out[(int64_t)m * p.out_stride + n_hi] = from_float<T>(acc[mi][j][2 + c] * sc_hi);
+        }
+      }
+    }
+  }
+}
+
+// Split-K: every CTA of a tile leaves its partial sums, the last to arrive adds them up in split
+// order (so the lock mode is deterministic) and stores. Returns false in the CTAs that are not
+// last. Partials are float4 per thread and fragment, [tile][split][fragment][thread]: coalesced.
+template <int NF>
+__device__ __forceinline__ bool reduce_splits(const Params& p, float (&acc)[NF][4], int tile,
+                                              int split) {
+  __shared__ int is_last;
+  const int tid = threadIdx.x;
+  float4* base = reinterpret_cast<float4*>(p.partial);
+  if (p.atomic) {
+    float4* mine = base + (int64_t)tile * NF * kThreads;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      atomicAdd(mine + f * kThreads + tid, make_float4(acc[f][0], acc[f][1], acc[f][2], acc[f][3]));
+    }
+  } else {
+    float4* mine = base + ((int64_t)tile * p.splits + split) * NF * kThreads;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      __stcg(mine + f * kThreads + tid, make_float4(acc[f][0], acc[f][1], acc[f][2], acc[f][3]));
+    }
+  }
+  __threadfence();  // our partials are visible before the counter says so
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(p.locks + tile, 1) == p.splits - 1;
+  __syncthreads();
+  if (!is_last) return false;
+  __threadfence();
+  const int parts = p.atomic ? 1 : p.splits;
+  const float4* src = base + (int64_t)tile * parts * NF * kThreads;
+#pragma unroll
+  for (int f = 0; f < NF; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.f;
+  for (int s = 0; s < parts; ++s) {
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      const float4 v = __ldcg(src + (s * NF + f) * kThreads + tid);
+      acc[f][0] += v.x, acc[f][1] += v.y, acc[f][2] += v.z, acc[f][3] += v.w;
+    }
+  }
+  if (tid == 0) p.locks[tile] = 0;  // ready for the next launch (and CUDA-graph replay)
+  return true;
+}
+
+template <int N>
+__device__ __forceinline__ void wait_upto(int pending) {
+  // cp.async.wait_group takes an immediate: dispatch the run-time depth (0..N).
+  if constexpr (N > 0) {
+    if (pending >= N) return cp_async_wait<N>();
+    return wait_upto<N - 1>(pending);
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
+// grid (m tiles, n tiles, splits): m tiles vary fastest so the CTAs that share a weight panel run
+// together and all but the first read it from L2.
+template <typename T, int MI, int BM, bool kGrouped>
+__global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  using Tl = Tile<MI, BM, kGrouped>;
+  constexpr int kStage = Tl::kStageBytes;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * Tl::kBN, split = blockIdx.z;
+  const int kt0 = (int)((int64_t)split * p.kt / p.splits);
+  const int kt1 = (int)((int64_t)(split + 1) * p.kt / p.splits);
+  const int steps = kt1 - kt0, stages = p.stages;
+  const Loader<T, MI, BM, kGrouped> loader(p, n0, m0);
+  const uint32_t bias2 = splat2<T>(Fp8Traits<T>::bias());
+
+  float acc[MI][BM / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j) {
+      acc[mi][j][0] = acc[mi][j][1] = acc[mi][j][2] = acc[mi][j][3] = 0.f;
+    }
+  }
+
+  if (stages == 1) {  // prefetch off: load a panel, wait for it, compute, repeat
+    for (int i = 0; i < steps; ++i) {
+      loader.load(p, smem, kt0 + i);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      compute_stage<T, MI, BM, kGrouped>(smem, bias2, acc);
+      __syncthreads();
+    }
+  } else {
+    for (int i = 0; i < stages - 1; ++i) {
+      if (i < steps) loader.load(p, smem + i * kStage, kt0 + i);
+      cp_async_commit();  // empty groups keep the count uniform
+    }
+    int read = 0, write = stages - 1;
+    for (int i = 0; i < steps; ++i) {
+      wait_upto<6>(stages - 2);  // panel i has landed; stages - 2 younger ones may be in flight
+      __syncthreads();           // ... for every thread, and all are done with panel i - 1
+      if (i + stages - 1 < steps) loader.load(p, smem + write * kStage, kt0 + i + stages - 1);
+      cp_async_commit();
+      compute_stage<T, MI, BM, kGrouped>(smem + read * kStage, bias2, acc);
+      read = read + 1 == stages ? 0 : read + 1;
+      write = write + 1 == stages ? 0 : write + 1;
+    }
+    cp_async_wait<0>();
+  }
+  if (p.splits > 1) {
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (!reduce_splits<MI * BM / 8>(p, reinterpret_cast<float(&)[MI * BM / 8][4]>(acc), tile,
+                                    split)) {
+      return;
+    }
+  }
+  store_tile<T, MI, BM, kGrouped>(p, acc, n0, m0);
+}
+
+}  // namespace fp8_gemm
+}  // namespace pykernels

@@ -1,0 +1,39 @@
+"""FP8 weight-only (W8A16) GEMM: Marlin-style CUDA kernel, its Triton twin and a torch reference.
+
+- ``fp8_weight_pack`` / ``fp8_weight_unpack`` (pack.py): bf16/fp16 ``[N, K]`` <-> ``Fp8Weight``
+  (e4m3 ``qweight [ceil(K/128), N, 128]`` + fp32 scales per channel or per 128-group).
+- ``fp8_marlin_gemm`` (gemm.py): ``x [..., K] @ dequant(w).T`` through ``backend="auto"|"cuda"|
+  "triton"|"torch"``.
+- ``FP8WeightOnlyLinear`` (linear.py): the ``nn.Linear`` the serving layer uses for
+  ``--quantization fp8``.
+
+The packed format is documented in docs/quant.md. Names are imported lazily so that importing
+this package loads neither Triton nor the CUDA op library.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Fp8Weight": "pykernels.quant.pack",
+    "fp8_weight_pack": "pykernels.quant.pack",
+    "fp8_weight_unpack": "pykernels.quant.pack",
+    "fp8_marlin_gemm": "pykernels.quant.gemm",
+    "FP8WeightOnlyLinear": "pykernels.quant.linear",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pykernels.quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,56 @@
+"""FP8 weight-only GEMM Tunables, declared apart from the kernel modules so that the CUDA wrapper,
+the Triton launcher and ``autotune.gemm`` share them without importing each other.
+
+Key: ``n``, ``k`` (the logical K), activation ``dtype`` and ``group_size``; bucket: ``m``, the
+activation rows (powers of two). Tuned by ``python -m autotune.gemm``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autotune import Tunable
+
+_HERE = Path(__file__).resolve().parent
+_CSRC = _HERE.parent.parent / "csrc" / "quant"  # absent from a wheel: hashed by name then
+
+KEY = ("n", "k", "dtype", "group_size")
+BACKEND_CHOICES = ("cuda", "triton")
+
+# The CUDA kernel's tiles: 64 or 128 output channels (4 warps x 1 or 2 m16 tiles) by a
+# 128-wide K panel, 8..64 tokens.
+CUDA_BLOCK_N = (64, 128)
+CUDA_BLOCK_K = 128
+CUDA_BLOCK_M = (8, 16, 32, 64)
+
+
+def _cuda_sources() -> tuple[str, ...]:
+    return (*sorted(str(p) for p in _CSRC.glob("*.cu*")), str(_HERE / "cuda.py"))
+
+
+def cuda_default(m: int, **_) -> dict:
+    """Tokens per CTA: the smallest n8 multiple that holds m, capped at 64; 128 channels per CTA
+    (each activation fragment feeds two mma); splits 0 = chosen at launch to fill the GPU."""
+    block_m = next((b for b in CUDA_BLOCK_M if b >= m), CUDA_BLOCK_M[-1])
+    return {"block_n": 128, "block_m": block_m, "splits": 0, "num_stages": 4, "prefetch": True}
+
+
+def triton_default(m: int, **_) -> dict:
+    """Swap-AB tile: BLOCK_N weight rows are the MMA's M side, BLOCK_M tokens its N side."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    big = m > 64
+    # SPLIT_K 0: split at launch to fill the GPU (decode: N / BLOCK_N tiles alone leave SMs idle)
+    return {"BLOCK_N": 128 if big else 64, "BLOCK_M": block_m, "BLOCK_K": 128 if not big else 64,
+            "SPLIT_K": 1 if big else 0, "num_warps": 8 if big else 4, "num_stages": 4,
+            "prefetch": True}
+
+
+GEMM_CUDA = Tunable("fp8_gemm_cuda", family="quant", key=KEY, bucket="m",
+                    default=cuda_default, gemm_like=True, sources=_cuda_sources())
+GEMM_TRITON = Tunable("fp8_gemm_triton", family="quant", key=KEY, bucket="m",
+                      default=triton_default, gemm_like=True,
+                      sources=(str(_HERE / "triton.py"),))
+# {"backend": "auto"}: nothing tuned, `auto` follows the fixed order in __init__.
+GEMM_BACKEND = Tunable("fp8_gemm_backend", family="quant", key=KEY, bucket="m",
+                       default=lambda **_: {"backend": "auto"},
+                       sources=(str(_HERE / "triton.py"), *_cuda_sources()))
