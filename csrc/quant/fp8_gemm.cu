@@ -145,21 +145,25 @@ void check_inputs(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   PK_CHECK_SHAPE((scales.dim() == 1 && scales.size(0) == n) ||
                      (scales.dim() == 2 && scales.size(0) == kt && scales.size(1) == n),
                  "scales must have shape [N] or [ceil(K/128), N], got ", scales.sizes());
-  // cp.async moves 16-byte pieces of x: every row must start 16-byte aligned.
-  PK_CHECK_SHAPE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                     (x.size(0) <= 1 || x.stride(0) % 8 == 0),
-                 "x's rows must start at 16-byte aligned addresses, got strides ", x.strides());
+}
+
+// cp.async moves 16-byte pieces of x: every row must start 16-byte aligned.
+bool rows_aligned(const at::Tensor& x) {
+  return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+         (x.size(0) <= 1 || x.stride(0) % 8 == 0);
 }
 
 }  // namespace
 }  // namespace fp8_gemm
 }  // namespace pykernels
 
-void fp8_marlin_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+void fp8_marlin_gemm(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& qweight,
                      const at::Tensor& scales, at::Tensor& locks, int64_t block_n,
                      int64_t block_m, int64_t splits, int64_t num_stages, bool use_atomic_add) {
   using namespace pykernels::fp8_gemm;
-  check_inputs(out, x, qweight, scales, locks);
+  check_inputs(out, x_in, qweight, scales, locks);
+  // A row-strided view whose rows are not 16-byte aligned is copied once (cp.async needs them).
+  const at::Tensor x = rows_aligned(x_in) ? x_in : x_in.contiguous();
   TORCH_CHECK_VALUE(num_stages >= 1 && num_stages <= kMaxStages, "num_stages must be in [1, ",
                     kMaxStages, "], got ", num_stages);
   if (x.size(0) == 0) return;

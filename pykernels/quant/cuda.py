@@ -51,11 +51,8 @@ def config_for(x2d: torch.Tensor, n: int, scales: torch.Tensor, stages: int | No
 def gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, *,
          stages: int | None = None, deterministic: bool = False, config: dict | None = None,
          locks: torch.Tensor | None = None) -> None:
-    """Writes ``out [M, N] = x2d @ dequant(qweight, scales).T``; checked inputs (gemm.py)."""
-    # cp.async needs 16-byte aligned rows. The storage base is allocator-aligned, so the offset
-    # and row stride decide (data_ptr() would break torch.compile's trace; C++ checks the rest).
-    if x2d.storage_offset() % 8 or (x2d.shape[0] > 1 and x2d.stride(0) % 8):
-        x2d = x2d.contiguous()
+    """Writes ``out [M, N] = x2d @ dequant(qweight, scales).T``; checked inputs (gemm.py). Rows
+    that are not 16-byte aligned (cp.async) are copied by the op itself, so this stays traceable."""
     cfg = dict(config) if config is not None else config_for(x2d, qweight.shape[1], scales, stages)
     if config is not None and envs.TRITON_DISABLE_MACA_OPT_MMA_PREFETCH:
         cfg["num_stages"] = 1
