@@ -218,21 +218,13 @@ def fixed_backend(cpu: bool = False) -> str:
     return usable[0]
 
 
-DEQUANT_MIN_M = 128  # below, the bf16 slabs cost more than the GEMM saves (memory-bound)
-
-
-def backend_valid(cfg: dict, shape: dict, kind: str, cpu: bool) -> bool:
-    if cfg["backend"] == "dequant" and shape["m"] < DEQUANT_MIN_M:
-        return False
-    return kind == "dry" or cfg["backend"] in usable_backends(cpu)
-
-
 def spaces(kind: str = "full") -> dict[str, Space]:
     """Search spaces per op: "full" (the tune), "dry" (the same, every backend counted whether
     it runs here or not) or "cpu" (a tiny interpreter space)."""
     cpu = kind == "cpu"
     backend = Space({"backend": tunables.BACKEND_CHOICES},
-                    valid=lambda cfg, shape: backend_valid(cfg, shape, kind, cpu))
+                    valid=lambda cfg, shape: kind == "dry" or cfg["backend"] in
+                    usable_backends(cpu))
     if cpu:  # the interpreter ignores warps and stages; fp16/fp32 only (bf16 dots break there)
         return {"fp8_gemm_cuda": Space({"block_n": (64,), "block_m": (8,), "splits": (1,),
                                         "num_stages": (1,)}),

@@ -309,7 +309,7 @@ def _ours_available(backend: str):
     def available(device: str) -> str | None:
         if device == "cpu" and backend == "triton" and not envs.TRITON_INTERPRET:
             return "runs on the CPU only under the Triton interpreter (set TRITON_INTERPRET=1)"
-        if device == "cpu" and backend in ("cuda", "dequant"):
+        if device == "cpu" and backend == "cuda":
             return "needs a CUDA GPU (not part of the --cpu smoke)"
         mod = cli.module_or_reason("pykernels.quant.gemm")
         if isinstance(mod, str):
@@ -331,7 +331,6 @@ def providers(prefetch: str = "both") -> tuple[Provider, ...]:
         raise ValueError(f"--prefetch must be one of {', '.join(PREFETCH)}, got {prefetch!r}")
     offs = {"both": (False, True), "on": (False,), "off": (True,)}[prefetch]
     ours = tuple(_ours(b, off) for b in ("cuda", "triton") for off in offs)
-    ours += (_ours("dequant", False),)  # no pipeline of its own to turn off
     return (*ours,
             Provider("torch", build_torch, cpu=True, peer=True),
             Provider("scaled_mm", build_scaled_mm, available=scaled_mm_available, peer=True))

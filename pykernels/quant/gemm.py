@@ -18,7 +18,7 @@ GROUP = 128  # the only K-group size (and the packed panel width)
 _FAMILY = Family(
     name="fp8_marlin_gemm",
     modules={"cuda": "pykernels.quant.cuda", "triton": "pykernels.quant.triton",
-             "dequant": "pykernels.quant.dequant", "torch": "pykernels.quant.ref"},
+             "torch": "pykernels.quant.ref"},
     auto_order=("cuda", "triton"),
 )
 
@@ -37,8 +37,7 @@ def fp8_marlin_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     scales : float32 ``[N]`` (per output channel) or ``[ceil(K / 128), N]`` (per 128-group).
     out : Tensor ``[..., N]``, optional
         Written in place (x's dtype and device).
-    backend : {"auto", "cuda", "triton", "dequant", "torch"}
-        ``dequant``: dequantize ~16 MB slabs of the weight, then cuBLAS (large M).
+    backend : {"auto", "cuda", "triton", "torch"}
     deterministic : bool
         Never reduce split-K partials with atomics (bitwise identical runs), whatever
         ``VLLM_MARLIN_USE_ATOMIC_ADD`` says.

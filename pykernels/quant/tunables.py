@@ -15,7 +15,7 @@ _HERE = Path(__file__).resolve().parent
 _CSRC = _HERE.parent.parent / "csrc" / "quant"  # absent from a wheel: hashed by name then
 
 KEY = ("n", "k", "dtype", "group_size")
-BACKEND_CHOICES = ("cuda", "triton", "dequant")
+BACKEND_CHOICES = ("cuda", "triton")
 
 # The CUDA kernel's tiles: 64 or 128 output channels (4 warps x 1 or 2 m16 tiles) by a
 # 128-wide K panel, 8..64 tokens.
@@ -53,5 +53,4 @@ GEMM_TRITON = Tunable("fp8_gemm_triton", family="quant", key=KEY, bucket="m",
 # {"backend": "auto"}: nothing tuned, `auto` follows the fixed order in __init__.
 GEMM_BACKEND = Tunable("fp8_gemm_backend", family="quant", key=KEY, bucket="m",
                        default=lambda **_: {"backend": "auto"},
-                       sources=(str(_HERE / "triton.py"), str(_HERE / "dequant.py"),
-                                *_cuda_sources()))
+                       sources=(str(_HERE / "triton.py"), *_cuda_sources()))

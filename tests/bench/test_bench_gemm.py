@@ -198,13 +198,12 @@ def test_case_grid_rejects_fp32():
 def test_providers_per_prefetch_choice():
     names = lambda p: [x.name for x in bg.providers(p)]  # noqa: E731
     assert names("both") == ["cuda", "cuda-prefetch-off", "triton", "triton-prefetch-off",
-                             "dequant", "torch", "scaled_mm"]
-    assert names("on") == ["cuda", "triton", "dequant", "torch", "scaled_mm"]
-    assert names("off") == ["cuda-prefetch-off", "triton-prefetch-off", "dequant", "torch",
-                            "scaled_mm"]
-    assert {p.cli_name for p in bg.providers("both")} == {"cuda", "triton", "dequant", "torch",
+                             "torch", "scaled_mm"]
+    assert names("on") == ["cuda", "triton", "torch", "scaled_mm"]
+    assert names("off") == ["cuda-prefetch-off", "triton-prefetch-off", "torch", "scaled_mm"]
+    assert {p.cli_name for p in bg.providers("both")} == {"cuda", "triton", "torch",
                                                           "scaled_mm"}
-    assert [p.peer for p in bg.providers("on")] == [False, False, False, True, True]
+    assert [p.peer for p in bg.providers("on")] == [False, False, True, True]
     with pytest.raises(ValueError, match="--prefetch must be one of"):
         bg.providers("sometimes")
 

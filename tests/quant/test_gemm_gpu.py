@@ -22,7 +22,7 @@ from tests.quant._cases import (  # noqa: F401
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("own_cache")]
 
-BACKENDS = ["cuda", "triton", "dequant"]
+BACKENDS = ["cuda", "triton"]
 BF16, FP16 = torch.bfloat16, torch.float16
 MS = [1, 3, 16, 33, 64, 257, 1024]
 # (N, K): a 4096 square, K % 128 == 64 (a half last panel), a small odd one, a Llama-3-70B MLP
@@ -36,9 +36,7 @@ GRID = [(m, n, k, *_COMBOS[(i + j) % 4], (None, 1)[j % 2]) for i, (n, k) in enum
 
 
 def _tol(backend: str, dtype, group_size: int):
-    # cuda's group mode and dequant round the scaled weight to the dtype once
-    rounded = backend == "dequant" or (backend == "cuda" and group_size == 128)
-    return CUDA_GROUP_TOL[dtype] if rounded else TOL[dtype]
+    return CUDA_GROUP_TOL[dtype] if backend == "cuda" and group_size == 128 else TOL[dtype]
 
 
 def _weight(n, k, group_size):

@@ -212,19 +212,3 @@ def test_kernel_compiles_for_sm90():
         # panel offset) cost 255 registers and the cp.async pipeline under triton 3.6.
         assert stack == 0 and regs <= 200 and wgmma and byte_loads == 0, block
         assert pipelined == (block[4] > 1), block
-
-
-@pytest.mark.parametrize("group_size", [-1, 128])
-@pytest.mark.parametrize("m,k", [(1, 64), (5, 320), (0, 128)])
-def test_dequant_backend_slabs(monkeypatch, m, k, group_size):
-    from pykernels.quant import dequant
-
-    monkeypatch.setattr(dequant, "SLAB_BYTES", 64 * k * 2)  # 64-row slabs: 3 of them at N=192
-    p = make_weight(192, k, group_size)
-    x = torch.randn(m, k).to(torch.float16)
-    got = poisoned(m, 192, dtype=torch.float16)
-    want = torch.empty(m, 192, dtype=torch.float16)
-    ref.gemm(x, p.qweight, p.scales, want)
-    if m:
-        dequant.gemm(x, p.qweight, p.scales, got)
-        close(got, want, TOL[torch.float16])
