@@ -40,7 +40,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -511,15 +510,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", default="same",
                    choices=("same", "bfloat16", "float16", "float8_e4m3fn"),
                    help="cache dtype (default: q's)")
-    p.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="stop starting new buckets after this many seconds")
-    p.add_argument("--force", action="store_true", help="re-tune buckets already in the cache")
-    p.add_argument("--dry-run", action="store_true", help="list what would be tuned and exit")
     p.add_argument("--quick", action="store_true", help="a few configs per op (GPU smoke run)")
-    p.add_argument("--cpu", action="store_true", help="smoke run through the Triton "
-                   "interpreter (TRITON_INTERPRET=1; tiny shapes only)")
-    p.add_argument("--report", type=Path, help="also write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    cli.add_run_args(p, "TRITON_INTERPRET=1; tiny shapes only")
     return p
 
 

@@ -85,15 +85,20 @@ def parser(family: Family) -> argparse.ArgumentParser:
                    "bench.shapes.TOKENS")
     p.add_argument("--dtype", default="bfloat16", help="comma-separated dtypes (bfloat16, "
                    "float16, float32); default bfloat16")
+    add_run_args(p, "needs TRITON_INTERPRET=1; tiny shapes only")
+    return p
+
+
+def add_run_args(p: argparse.ArgumentParser, cpu_hint: str) -> None:
+    """The options every tuning driver shares: budget, force, dry run, CPU smoke, report."""
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="stop starting new buckets after this many seconds")
     p.add_argument("--force", action="store_true", help="re-tune buckets already in the cache")
     p.add_argument("--dry-run", action="store_true", help="list what would be tuned and exit")
-    p.add_argument("--cpu", action="store_true", help="smoke run on the CPU through the Triton "
-                   "interpreter (needs TRITON_INTERPRET=1; tiny shapes only)")
+    p.add_argument("--cpu", action="store_true",
+                   help=f"smoke run on the CPU through the Triton interpreter ({cpu_hint})")
     p.add_argument("--report", type=Path, help="also write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def _dtypes(text: str) -> list[str]:

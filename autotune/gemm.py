@@ -45,16 +45,14 @@ import functools
 import importlib
 import math
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from autotune import cli
 from autotune.cli import Family, Op, check_close, dtype_of, input_sets
 from autotune.space import Space
-from autotune.tuner import Case, default_timer, plan, tune
+from autotune.tuner import Case, plan
 from bench import shapes as bench_shapes
 from bench.gemm import parse_nk
 from pykernels import envs
@@ -372,14 +370,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="activation dtypes: bfloat16, float16")
     p.add_argument("--group-size", type=int, default=-1, choices=(-1, 128),
                    help="scales per output channel (-1) or per 128-wide K group")
-    p.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="stop starting new buckets after this many seconds")
-    p.add_argument("--force", action="store_true", help="re-tune buckets already in the cache")
-    p.add_argument("--dry-run", action="store_true", help="list what would be tuned and exit")
-    p.add_argument("--cpu", action="store_true", help="smoke run through the Triton "
-                   "interpreter (TRITON_INTERPRET=1; tiny shapes, --dtype float16)")
-    p.add_argument("--report", type=Path, help="also write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    cli.add_run_args(p, "TRITON_INTERPRET=1; tiny shapes, --dtype float16")
     return p
 
 
@@ -455,31 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "For a smoke run: TRITON_INTERPRET=1 python -m autotune.gemm --cpu --shape 128x256 "
               "--m 1,4 --dtype float16")
         return 0
-    return _run(family, names, shapes_, plans, args)
-
-
-def _run(family: Family, names: list[str], shapes_: list[dict], plans: dict, args) -> int:
-    device = "cpu" if args.cpu else "cuda"
-    timer = default_timer("cpu", warmup_ms=0, rep_ms=3) if args.cpu else default_timer("cuda")
-    start = time.monotonic()
-    deadline = start + args.budget if args.budget else None
-    reports = []
-    total = sum(len(p.candidates) for ps in plans.values() for p in ps)
-    with cli._progress(total, args.no_progress) as bar:
-        for name in names:  # cuda, triton, then the backend choice
-            op = family.ops[name]
-            reports.append(tune(op.tunable, op.space, shapes_,
-                                functools.partial(_case, op, device), timer=timer,
-                                deadline=deadline, force=args.force, progress=bar))
-    wall = time.monotonic() - start
-    cli.summary(reports, wall)
-    if args.report:
-        cli.write_report(args.report, family.name, device, reports, wall)
-    return 1 if any(r.status == "failed" for rep in reports for r in rep.results) else 0
-
-
-def _case(op: Op, device: str, shape: dict) -> Case:
-    return op.make_case(shape, device)
+    # cuda, triton, then the backend choice (it times each backend at its just-tuned config)
+    return cli._run(family, {n: family.ops[n] for n in names}, {n: shapes_ for n in names}, args)
 
 
 if __name__ == "__main__":
