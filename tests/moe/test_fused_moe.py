@@ -263,14 +263,7 @@ def test_quantize_fp8_triton_cpu(monkeypatch):
 def _compile_sm90(gated: bool, fp8: bool, block: tuple, even_k: bool = True):
     """Compile the GEMM kernel for sm_90a without a GPU (Triton's bundled ptxas): returns the
     cubin's (registers, stack bytes) and whether the main loop became async copies + wgmma."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from tests.triton_sm90 import compile_sm90
 
     fn, act, w = kern._moe_gemm_kernel, "*bf16", "*fp8e4nv" if fp8 else "*bf16"
     aux = "*fp32" if fp8 else act
@@ -283,19 +276,8 @@ def _compile_sm90(gated: bool, fp8: bool, block: tuple, even_k: bool = True):
                  BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group)
     aligned = [n for n in sig if n.endswith("_ptr")] + ["N", "K", "stride_am", "stride_be",
                                                          "stride_bn", "stride_cm"]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in const}}, const, attrs)
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": warps, "num_stages": stages})
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(out.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
-    ttgir = out.asm["ttgir"]
-    return regs, stack, "async_copy" in ttgir, "warp_group_dot" in ttgir
+    r = compile_sm90(fn, sig, const, aligned, warps, stages)
+    return r["regs"], r["stack"], r["pipelined"], r["wgmma"]
 
 
 SM90_TILES = [  # (gated, fp8, (BM, BN, BK, GROUP_SIZE_M, warps, stages), uses wgmma)

@@ -145,13 +145,8 @@ def _compile_sm90(block: tuple, group: bool, atomic: bool = False, even_k: bool 
     """Compile the kernel for sm_90a with Triton's bundled ptxas: (registers, stack bytes,
     pipelined main loop, wgmma, byte-wise global loads)."""
     import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from tests.triton_sm90 import compile_sm90
 
     fn = tq._fp8_gemm_kernel
     bn, bm, bk, warps, stages = block
@@ -161,20 +156,9 @@ def _compile_sm90(block: tuple, group: bool, atomic: bool = False, even_k: bool 
     const = dict(GROUP=group, EVEN_K=even_k, ATOMIC=atomic, DOT_PRECISION="tf32",
                  BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk)
     aligned = ["x_ptr", "w_ptr", "s_ptr", "c_ptr", "N", "K", "stride_xm", "stride_cm"]
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in const}}, const, attrs)
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": warps, "num_stages": stages})
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(out.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
-    ttgir, ptx = out.asm["ttgir"], out.asm["ptx"]
-    byte_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.[bsu]8\b", ptx))
-    return regs, stack, "async_copy" in ttgir, "warp_group_dot" in ttgir, byte_loads
+    r = compile_sm90(fn, sig, const, aligned, warps, stages)
+    byte_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.[bsu]8\b", r["ptx"]))
+    return r["regs"], r["stack"], r["pipelined"], r["wgmma"], byte_loads
 
 
 SM90_TILES = [  # ((BLOCK_N, BLOCK_M, BLOCK_K, warps, stages), group, atomic, even_k[, act])
