@@ -36,11 +36,16 @@ def _locks(device: torch.device) -> torch.Tensor:
     return locks
 
 
-def config_for(x2d: torch.Tensor, n: int, scales: torch.Tensor, stages: int | None) -> dict:
-    """The tuned (or default) config, with the prefetch override applied."""
-    group = 128 if scales.dim() == 2 else -1
-    cfg = tunables.GEMM_CUDA.lookup(m=x2d.shape[0], n=n, k=x2d.shape[1], dtype=x2d.dtype,
-                                    group_size=group)
+def config_for(x2d: torch.Tensor, n: int, scales: torch.Tensor, stages: int | None,
+               config: dict | None = None) -> dict:
+    """`config` (the tuner's) or the tuned/default one, with the prefetch overrides applied:
+    `stages`, then TRITON_DISABLE_MACA_OPT_MMA_PREFETCH (1 stage) over everything."""
+    if config is not None:
+        cfg = dict(config)
+    else:
+        group = 128 if scales.dim() == 2 else -1
+        cfg = tunables.GEMM_CUDA.lookup(m=x2d.shape[0], n=n, k=x2d.shape[1], dtype=x2d.dtype,
+                                        group_size=group)
     if stages is not None:
         cfg["num_stages"] = stages
     if envs.TRITON_DISABLE_MACA_OPT_MMA_PREFETCH:
@@ -53,9 +58,7 @@ def gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: to
          locks: torch.Tensor | None = None) -> None:
     """Writes ``out [M, N] = x2d @ dequant(qweight, scales).T``; checked inputs (gemm.py). Rows
     that are not 16-byte aligned (cp.async) are copied by the op itself, so this stays traceable."""
-    cfg = dict(config) if config is not None else config_for(x2d, qweight.shape[1], scales, stages)
-    if config is not None and envs.TRITON_DISABLE_MACA_OPT_MMA_PREFETCH:
-        cfg["num_stages"] = 1
+    cfg = config_for(x2d, qweight.shape[1], scales, stages, config)
     atomic = envs.VLLM_MARLIN_USE_ATOMIC_ADD and not deterministic
     torch.ops.pykernels.fp8_marlin_gemm(
         out, x2d, qweight, scales, _locks(x2d.device) if locks is None else locks,

@@ -10,6 +10,7 @@ import torch
 
 from pykernels import _checks
 from pykernels._backends import Family
+from pykernels.quant import tunables
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 GROUP = 128  # the only K-group size (and the packed panel width)
@@ -74,8 +75,6 @@ def fp8_marlin_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 def _choose(backend: str, x2d: torch.Tensor, n: int, scales: torch.Tensor) -> str:
     if backend != "auto" or x2d.device.type != "cuda":
         return backend
-    from pykernels.quant import tunables
-
     group = GROUP if scales.dim() == 2 else -1
     cfg = tunables.GEMM_BACKEND.lookup(m=x2d.shape[0], n=n, k=x2d.shape[1], dtype=x2d.dtype,
                                        group_size=group)
