@@ -13,9 +13,16 @@
 // A fragments come from ldmatrix on the fp8 bytes: lane (g, t) gets bytes 4t..4t+3 of rows g and
 // g + 8 per 16-k step. Those four k's feed the mma's k slots (2t, 2t+1) and (2t+8, 2t+9); the
 // B fragment (activations) is then the same four k's, one 8-byte shared load, no shuffle.
-// FP8 -> 16-bit by bit tricks: a byte permute puts two e4m3 bytes at the top of two 16-bit lanes,
-// a shift and a mask move exponent and mantissa into place, one multiply by 2^(bias difference)
-// (2^120 for bf16, 2^8 for fp16; exact) or by the group scale rebases the exponent.
+// FP8 -> 16-bit by bit tricks, 2 integer-ALU and 2 FMA-pipe instructions per 2 weights (the ALU
+// pipe issues every other cycle, so at M <= 16 the dequant's ALU share sets the speed): a byte
+// permute (ALU) puts two e4m3 bytes in the low bytes of two 16-bit lanes, a multiply by 2^4
+// (bf16) or 2^7 (fp16) moves exponent and mantissa into place (IMAD), a LOP3 (ALU) picks the sign
+// bits that landed at bit 11 (14) and one IMAD moves them to bit 15 (t + 15 s = t - s + 16 s).
+// The result is the weight times 2^-(bias difference) (2^-120 for bf16, 2^-8 for fp16). With
+// per-channel scales that factor is undone once per output in the fp32 epilogue (as Marlin folds
+// it into its scales); with group scales one HMUL2 by scale x 2^(bias difference) per pair
+// rebases it. Tiny bf16 products land in fp32's subnormal range, which the mma keeps:
+// `test_tiny_activations` checks activations down to 1e-7.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,19 +59,31 @@ struct Fp8Traits;
 
 template <>
 struct Fp8Traits<__nv_bfloat16> {
-  // Exponent field at bits 14..7 (8 bits): e4m3's eeee.mmm move right by 4 (into bits 10..4).
-  static constexpr int kShift = 4;
-  static constexpr uint32_t kMask = 0x07F007F0u;
+  // Exponent field at bits 14..7 (8 bits): e4m3's eeee.mmm (bits 6..0) move up by 4 (into
+  // bits 10..4); the sign then sits at bit 11.
+  static constexpr uint32_t kShiftMul = 1u << 4;
+  static constexpr uint32_t kSignBits = 0x08000800u;
+  static constexpr uint32_t kSignMul = 15u;  // bit 11 -> bit 15
   static __device__ __forceinline__ float bias() { return 0x1p120f; }  // 2^(127 - 7)
 };
 
 template <>
 struct Fp8Traits<__half> {
-  // Exponent field at bits 14..10 (5 bits): eeee.mmm move right by 1 (into bits 13..7).
-  static constexpr int kShift = 1;
-  static constexpr uint32_t kMask = 0x3F803F80u;
+  // Exponent field at bits 14..10 (5 bits): eeee.mmm move up by 7 (into bits 13..7); the sign
+  // then sits at bit 14.
+  static constexpr uint32_t kShiftMul = 1u << 7;
+  static constexpr uint32_t kSignBits = 0x40004000u;
+  static constexpr uint32_t kSignMul = 1u;  // bit 14 -> bit 15
   static __device__ __forceinline__ float bias() { return 256.0f; }  // 2^(15 - 7)
 };
+
+// a * b + c on the FMA pipe (IMAD): ptxas keeps mad.lo there, where a shift or an add would take
+// an ALU slot.
+__device__ __forceinline__ uint32_t imad(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
 
 template <typename T>
 __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b);
@@ -82,13 +101,17 @@ __device__ __forceinline__ uint32_t mul2<__half>(uint32_t a, uint32_t b) {
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
-// Two e4m3 bytes of `word` (selected by `perm`: 0x1404 the low two, 0x3424 the high two) as two
-// 16-bit values times `scale2` (both lanes); the lower byte lands in the low lane.
-template <typename T, uint32_t kPerm>
+// Two e4m3 bytes of `word` (selected by `perm`: 0x4140 the low two, 0x4342 the high two) as two
+// 16-bit values times 2^-(bias difference), then times `scale2` (both lanes) when kScaled; the
+// lower byte lands in the low lane.
+template <typename T, uint32_t kPerm, bool kScaled>
 __device__ __forceinline__ uint32_t dequant2(uint32_t word, uint32_t scale2) {
-  const uint32_t v = __byte_perm(word, 0u, kPerm);  // bytes at bits 15..8 and 31..24
-  const uint32_t bits = (v & 0x80008000u) | ((v >> Fp8Traits<T>::kShift) & Fp8Traits<T>::kMask);
-  return mul2<T>(bits, scale2);
+  using Tr = Fp8Traits<T>;
+  const uint32_t v = __byte_perm(word, 0u, kPerm);  // bytes at bits 7..0 and 23..16
+  const uint32_t t = imad(v, Tr::kShiftMul, 0u);    // exponent and mantissa in place
+  const uint32_t bits = imad(t & Tr::kSignBits, Tr::kSignMul, t);  // sign to bit 15 (and 31)
+  if constexpr (kScaled) return mul2<T>(bits, scale2);
+  return bits;
 }
 
 template <typename T>
@@ -167,23 +190,22 @@ struct Loader {
 };
 
 // acc[mi][j] += W(m16 tile mi of this warp) x X(tokens 8j..8j+7)^T over one K panel in shared
-// memory. `bias2` is 2^(bias difference) in both lanes (per-channel scales are applied at the end).
+// memory; without group scales acc carries the 2^-(bias difference) of the raw dequant (store_tile
+// undoes it).
 template <typename T, int MI, int BM, bool kGrouped>
-__device__ __forceinline__ void compute_stage(const uint8_t* stage, uint32_t bias2,
+__device__ __forceinline__ void compute_stage(const uint8_t* stage,
                                               float (&acc)[MI][BM / 8][4]) {
   using Tl = Tile<MI, BM, kGrouped>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  uint32_t sc[MI][2];  // rows g and g + 8 of each m16 tile
+  uint32_t sc[MI][2] = {};  // group scale x 2^(bias difference), rows g and g + 8 of each m16 tile
+  if constexpr (kGrouped) {
+    const float* s = reinterpret_cast<const float*>(stage + Tl::kWBytes + Tl::kXBytes);
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-    if constexpr (kGrouped) {
-      const float* s = reinterpret_cast<const float*>(stage + Tl::kWBytes + Tl::kXBytes);
+    for (int mi = 0; mi < MI; ++mi) {
       const int row = warp * 16 * MI + mi * 16 + g;
       sc[mi][0] = splat2<T>(s[row] * Fp8Traits<T>::bias());
       sc[mi][1] = splat2<T>(s[row + 8] * Fp8Traits<T>::bias());
-    } else {
-      sc[mi][0] = sc[mi][1] = bias2;
     }
   }
   // ldmatrix.x4 row addresses: lanes 8q..8q+7 give matrix q = (rows +8 if q odd, chunk +1 if
@@ -207,10 +229,10 @@ __device__ __forceinline__ void compute_stage(const uint8_t* stage, uint32_t bia
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
         const uint32_t lo = w4[mi][2 * h], hi = w4[mi][2 * h + 1];  // rows g, g + 8
-        a[mi][0] = dequant2<T, 0x1404>(lo, sc[mi][0]);
-        a[mi][1] = dequant2<T, 0x1404>(hi, sc[mi][1]);
-        a[mi][2] = dequant2<T, 0x3424>(lo, sc[mi][0]);
-        a[mi][3] = dequant2<T, 0x3424>(hi, sc[mi][1]);
+        a[mi][0] = dequant2<T, 0x4140, kGrouped>(lo, sc[mi][0]);
+        a[mi][1] = dequant2<T, 0x4140, kGrouped>(hi, sc[mi][1]);
+        a[mi][2] = dequant2<T, 0x4342, kGrouped>(lo, sc[mi][0]);
+        a[mi][3] = dequant2<T, 0x4342, kGrouped>(hi, sc[mi][1]);
       }
       const uint8_t* xrow = xbase + (((2 * (2 * kp + h)) ^ xx) << 4);
 #pragma unroll
@@ -234,6 +256,9 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[M
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi) {
     const int n_lo = n0 + warp * 16 * MI + mi * 16 + g, n_hi = n_lo + 8;
+    // Without group scales: 2^(bias difference) first (exact), then the channel scale, so the
+    // product of the two (up to 2^128 for bf16) is never formed.
+    const float bias = kGrouped ? 1.f : Fp8Traits<T>::bias();
     const float sc_lo = kGrouped ? 1.f : __ldg(p.scales + n_lo);
     const float sc_hi = kGrouped ? 1.f : __ldg(p.scales + n_hi);
 #pragma unroll
@@ -242,8 +267,9 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[M
       for (int c = 0; c < 2; ++c) {
         const int m = m0 + j * 8 + 2 * t + c;
         if (m < p.m) {
-          out[(int64_t)m * p.out_stride + n_lo] = from_float<T>(acc[mi][j][c] * sc_lo);
-          out[(int64_t)m * p.out_stride + n_hi] = from_float<T>(acc[mi][j][2 + c] * sc_hi);
+          out[(int64_t)m * p.out_stride + n_lo] = from_float<T>(acc[mi][j][c] * bias * sc_lo);
+          out[(int64_t)m * p.out_stride + n_hi] =
+              from_float<T>(acc[mi][j][2 + c] * bias * sc_hi);
         }
       }
     }
@@ -316,7 +342,6 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
   const int kt1 = (int)((int64_t)(split + 1) * p.kt / p.splits);
   const int steps = kt1 - kt0, stages = p.stages;
   const Loader<T, MI, BM, kGrouped> loader(p, n0, m0);
-  const uint32_t bias2 = splat2<T>(Fp8Traits<T>::bias());
 
   float acc[MI][BM / 8][4];
 #pragma unroll
@@ -333,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      compute_stage<T, MI, BM, kGrouped>(smem, bias2, acc);
+      compute_stage<T, MI, BM, kGrouped>(smem, acc);
       __syncthreads();
     }
   } else {
@@ -347,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
       __syncthreads();           // ... for every thread, and all are done with panel i - 1
       if (i + stages - 1 < steps) loader.load(p, smem + write * kStage, kt0 + i + stages - 1);
       cp_async_commit();
-      compute_stage<T, MI, BM, kGrouped>(smem + read * kStage, bias2, acc);
+      compute_stage<T, MI, BM, kGrouped>(smem + read * kStage, acc);
       read = read + 1 == stages ? 0 : read + 1;
       write = write + 1 == stages ? 0 : write + 1;
     }

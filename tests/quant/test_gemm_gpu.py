@@ -1,7 +1,7 @@
 """fp8_marlin_gemm on the GPU: the cuda and triton backends against the torch backend (fp32
 reference cast to the dtype) over decode-to-prefill M and real and odd (N, K), per channel and per
 group, bf16 and fp16, with and without prefetch; deterministic runs bitwise identical; the atomic
-split-K reduction; strided, 3-D and empty x; ``out=``; CUDA-graph replay; torch.compile; bad
+split-K reduction; tiny activations; strided, 3-D and empty x; ``out=``; CUDA-graph replay; torch.compile; bad
 inputs. Every test is gpu-marked (skipped on CPU-only machines)."""
 
 from __future__ import annotations
@@ -102,6 +102,20 @@ def test_triton_split_k(monkeypatch, split_k, atomic):
     close(runs[0], _want(x, p), TOL[BF16])
     if not atomic:
         assert all(torch.equal(r, runs[0]) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group_size", [-1, 128])
+@pytest.mark.parametrize("dtype, x_scale", [(BF16, 1e-3), (BF16, 1e-7), (FP16, 1e-3)])
+def test_tiny_activations(dtype, x_scale, group_size, backend):
+    """The CUDA kernel accumulates bf16 weights times 2^-120 (the bias is undone in the epilogue):
+    products of tiny activations land in fp32's subnormal range and must still come out right,
+    relative to the output's own magnitude (close() would pass anything below 1)."""
+    p = _weight(1024, 4160, group_size)
+    x = (torch.randn(16, 4160, device="cuda") * x_scale).to(dtype)
+    got, want = _run(x, p, backend).float(), _want(x, p).float()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < _tol(backend, dtype, group_size)[1], err
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
