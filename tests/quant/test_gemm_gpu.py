@@ -1,8 +1,8 @@
 """fp8_marlin_gemm on the GPU: the cuda and triton backends against the torch backend (fp32
 reference cast to the dtype) over decode-to-prefill M and real and odd (N, K), per channel and per
 group, bf16 and fp16, with and without prefetch; deterministic runs bitwise identical; the atomic
-split-K reduction; tiny activations; strided, 3-D and empty x; ``out=``; CUDA-graph replay; torch.compile; bad
-inputs. Every test is gpu-marked (skipped on CPU-only machines)."""
+split-K reduction; tiny activations; strided, 3-D and empty x; ``out=``; CUDA-graph replay;
+torch.compile; bad inputs. Every test is gpu-marked (skipped on CPU-only machines)."""
 
 from __future__ import annotations
 
