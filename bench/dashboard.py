@@ -240,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
               else f"{path}: no benchmarks, or ingested before; nothing added")
     df = results.read_results(root, include_cpu=args.include_cpu)
     if args.check:
-        report = regress.check(df, baseline=args.baseline, threshold=args.threshold)
+        try:
+            accepted = regress.read_accepted(root)
+        except ValueError as err:
+            print(f"cannot check: {err}", file=sys.stderr)
+            return 2
+        report = regress.check(df, baseline=args.baseline, threshold=args.threshold,
+                               accepted=accepted)
         print(report.summary())
         return 0 if report.passed else 1
     if df.empty:

@@ -19,7 +19,9 @@ rows):
 - ``scaled_mm``: ``torch._scaled_mm`` W8A8 with an e4m3 weight. The activation is quantized per
   token (amax, scale, cast) inside every timed call, so its time includes that; row-wise scales
   (per token x per channel) where this torch/GPU takes them, else per-tensor ones (the note says
-  which).
+  which). ``scaled_mm-fp8act`` (also selected by ``--backend scaled_mm``): the same GEMM given
+  activations already in e4m3, nothing quantized in the timed call: the GEMM alone, as ANCHORS
+  measured it.
 
 Shapes (``--shapes``): ``anchors`` = bench.shapes.GEMM_NK (../shared/ANCHORS.md "GEMM at small
 M"), ``models`` = the fused linear layers of bench.shapes.GEMM_MODELS (bench.shapes.linear_shapes),
@@ -63,7 +65,7 @@ QUICK_M = (1, 16, 64, 1024)
 CPU_SHAPES = ((128, 256), (64, 192))  # N x K: one K a multiple of 128, one not
 CPU_M = (1, 7)
 SEED = 1234
-PEERS = ("torch", "scaled_mm")
+PEERS = ("torch", "scaled_mm", "scaled_mm-fp8act")
 PREFETCH = ("both", "on", "off")
 SCALED_MM_MODES: dict[str, str] = {}  # activation dtype name -> the scale mode its rows used
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
@@ -275,22 +277,27 @@ def scaled_mm_available(device: str) -> str | None:
     return None
 
 
-def build_scaled_mm(case: Case, count: int, device: str):
-    mode = scaled_mm_mode(device, case.dtype)
-    SCALED_MM_MODES[results.dtype_name(case.dtype)] = mode
-    rowwise = mode == "rowwise"
-    weights = []
-    for i in range(count):
-        q, s = quantize_fp8(_weight(case, i, device), rowwise)
-        weights.append((q.t(), s.t().contiguous() if rowwise else s))  # b column-major, [1, N]
-    xs, _ = _activations(case, count, device)
+def _build_scaled_mm(quant_timed: bool):
+    def build(case: Case, count: int, device: str):
+        mode = scaled_mm_mode(device, case.dtype)
+        SCALED_MM_MODES[results.dtype_name(case.dtype)] = mode
+        rowwise = mode == "rowwise"
+        weights = []
+        for i in range(count):
+            q, s = quantize_fp8(_weight(case, i, device), rowwise)
+            weights.append((q.t(), s.t().contiguous() if rowwise else s))  # b col-major, [1, N]
+        xs, _ = _activations(case, count, device)
+        given = None if quant_timed else [quantize_fp8(x, rowwise) for x in xs]
 
-    def fn(i):
-        xq, sx = quantize_fp8(xs[i], rowwise)  # timed: a W8A8 layer quantizes x every call
-        wq, sw = weights[i]
-        return torch._scaled_mm(xq, wq, scale_a=sx, scale_b=sw, out_dtype=case.dtype)
+        def fn(i):
+            # a W8A8 layer quantizes x every call; scaled_mm-fp8act times the GEMM alone
+            xq, sx = quantize_fp8(xs[i], rowwise) if given is None else given[i]
+            wq, sw = weights[i]
+            return torch._scaled_mm(xq, wq, scale_a=sx, scale_b=sw, out_dtype=case.dtype)
 
-    return fn
+        return fn
+
+    return build
 
 
 # ---- providers -----------------------------------------------------------------------------
@@ -333,7 +340,10 @@ def providers(prefetch: str = "both") -> tuple[Provider, ...]:
     ours = tuple(_ours(b, off) for b in ("cuda", "triton") for off in offs)
     return (*ours,
             Provider("torch", build_torch, cpu=True, peer=True),
-            Provider("scaled_mm", build_scaled_mm, available=scaled_mm_available, peer=True))
+            Provider("scaled_mm", _build_scaled_mm(True), available=scaled_mm_available,
+                     peer=True),
+            Provider("scaled_mm-fp8act", _build_scaled_mm(False), backend="scaled_mm",
+                     available=scaled_mm_available, peer=True))
 
 
 def family(prefetch: str = "both") -> Family:
@@ -341,7 +351,7 @@ def family(prefetch: str = "both") -> Family:
         name="gemm",
         description="FP8 weight-only GEMM (W8A16): ours (cuda, triton; prefetch on/off) vs "
                     "bf16 cuBLAS (torch) and fp8 W8A8 torch._scaled_mm (activation quant "
-                    "timed).",
+                    "timed, and given in fp8).",
         providers=providers(prefetch),
         cases=make_cases,
         presets=("default", "anchors", "models"),
@@ -393,10 +403,11 @@ def row_notes(outcomes) -> dict[int, str]:
             if o.timing is None:
                 continue
             name, parts = o.provider.name, []
-            if name == "scaled_mm":
+            if name.startswith("scaled_mm"):
                 mode = SCALED_MM_MODES.get(results.dtype_name(o.case.dtype), "rowwise")
+                timed = "act quant timed" if name == "scaled_mm" else "fp8 act given"
                 parts.append(f"W8A8 {'row-wise' if mode == 'rowwise' else 'per-tensor'} "
-                             "scales, act quant timed")
+                             f"scales, {timed}")
             elif name != "torch":
                 parts.append(_prefetch_note(name))
             parts += [f"{us / o.timing.median_us:.2f}x vs {peer}" for peer, us in ref.items()
@@ -419,7 +430,7 @@ def summary_rows(outcomes, copy_tbps: float | None) -> tuple[list[str], list[lis
     """(headers, cells) of the short table: one line per case."""
     names = list(dict.fromkeys(o.provider.name for o in outcomes if o.timing is not None))
     headers = ["N x K", "M", "fp8-w floor us", *(f"{n} us" for n in names), "best ours",
-               "vs torch", "vs scaled_mm", "% floor"]
+               *(f"vs {peer}" for peer in PEERS), "% floor"]
     lines = []
     for group in _by_case(outcomes).values():
         case = group[0].case

@@ -26,6 +26,7 @@ BENCHES = [
     ("bench.attention", "bench.attention", ["--backend", "all", "--quick", "--mode", "all",
                                             "--out", "{out}/results"]),
     ("bench.gemm", "bench.gemm", ["--quick", "--out", "{out}/results"]),
+    ("bench.moe", "bench.moe", ["--quick", "--out", "{out}/results"]),
     ("microbench", "pytest", ["-m", "gpu", "-q", "-p", "no:cacheprovider",
                               "tests/bench/test_microbench.py", "--benchmark-only",
                               "--benchmark-json={out}/microbench.json"]),

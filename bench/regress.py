@@ -19,17 +19,26 @@ A series regresses when all of these hold:
 
 Runs timed differently (CUDA-graph replay vs per-call events: the harness picks by a duration
 estimate, so a kernel near 100 us can flip) are not compared; they are counted and reported.
+
+A regression explained and accepted by hand is listed in ``<results>/accepted_regressions.json``
+(``[{"series": ..., "new_run": ..., "reason": ...}]``, the series as the check prints it): it is
+reported with its reason and does not fail the check. An entry names one run, so the same series
+regressing again in a later run fails again.
 The torch reference's fused_add_rms_norm took 23 us replayed and 132 us eagerly on the same H200.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.results import SERIES_KEY
 
 DEFAULT_THRESHOLD = 0.07
+ACCEPTED_NAME = "accepted_regressions.json"
 MIN_ABS_US = 0.5  # below this a time change is machine-to-machine jitter (see the docstring)
 LOWER_IS_BETTER = {"time": True, "throughput": False}
 
@@ -48,10 +57,15 @@ class Verdict:
     threshold: float
     bands_apart: bool = True  # the new run's p20-p80 band lies wholly on the worse side
     large_enough: bool = True  # the move is above the absolute floor (times)
+    accepted: str = ""  # the reason, when accepted_regressions.json lists this series and run
+
+    @property
+    def worse(self) -> bool:
+        return self.change > self.threshold and self.bands_apart and self.large_enough
 
     @property
     def regressed(self) -> bool:
-        return self.change > self.threshold and self.bands_apart and self.large_enough
+        return self.worse and not self.accepted
 
     def line(self) -> str:
         return (f"{self.series}: {self.base:.4g} -> {self.new:.4g} {self.unit} "
@@ -73,6 +87,10 @@ class CheckReport:
         return [v for v in self.verdicts if v.regressed]
 
     @property
+    def accepted(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.worse and v.accepted]
+
+    @property
     def passed(self) -> bool:
         return not self.regressions
 
@@ -87,11 +105,27 @@ class CheckReport:
                    if self.method_changed else ""))
         if not self.verdicts:
             return f"check passed: nothing to compare yet ({head})"
+        accepted = [f"  ACCEPTED {v.line()}: {v.accepted}" for v in self.accepted]
         if self.passed:
             better = sum(v.change < 0 for v in self.verdicts)
-            return f"check passed: no regression ({head}; {better} got faster)"
+            extra = f", {len(accepted)} accepted" if accepted else ""
+            return "\n".join([f"check passed: no regression ({head}; {better} got faster{extra})",
+                              *accepted])
         lines = [f"check FAILED: {len(self.regressions)} regressed series ({head})"]
-        return "\n".join(lines + ["  REGRESSED " + v.line() for v in self.regressions])
+        return "\n".join(lines + ["  REGRESSED " + v.line() for v in self.regressions] + accepted)
+
+
+def read_accepted(root) -> dict[tuple[str, str], str]:
+    """{(series, new_run): reason} from <root>/accepted_regressions.json ({} when absent); a
+    malformed file raises ValueError naming it."""
+    path = Path(root) / ACCEPTED_NAME
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+        return {(e["series"], e["new_run"]): str(e["reason"]) for e in entries}
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: expected a list of {{series, new_run, reason}}: {err}") from err
 
 
 def series_name(key: tuple) -> str:
@@ -155,7 +189,8 @@ def compare(key: tuple, base, new, threshold: float) -> Verdict:
                    change, thr, apart, large)
 
 
-def check(df, baseline: str = "previous", threshold: float = DEFAULT_THRESHOLD) -> CheckReport:
+def check(df, baseline: str = "previous", threshold: float = DEFAULT_THRESHOLD,
+          accepted: dict[tuple[str, str], str] | None = None) -> CheckReport:
     """Compare the newest run of every primary-metric series with its baseline.
 
     Parameters
@@ -163,6 +198,7 @@ def check(df, baseline: str = "previous", threshold: float = DEFAULT_THRESHOLD) 
     df : DataFrame of results rows (bench.results.read_results).
     baseline : "previous" (default), "first", or a run id / git sha prefix.
     threshold : fractional loss allowed before a series counts as regressed (0.07 = 7%).
+    accepted : {(series, new_run): reason} (read_accepted): regressions explained by hand.
     """
     report = CheckReport(baseline=baseline)
     if df is None or df.empty:
@@ -182,5 +218,8 @@ def check(df, baseline: str = "previous", threshold: float = DEFAULT_THRESHOLD) 
         if str(base.get("method", "")) != str(new.get("method", "")):
             report.method_changed += 1
             continue
-        report.verdicts.append(compare(key, base, new, threshold))
+        verdict = compare(key, base, new, threshold)
+        reason = (accepted or {}).get((verdict.series, verdict.new_run), "")
+        report.verdicts.append(dataclasses.replace(verdict, accepted=reason) if reason
+                               else verdict)
     return report

@@ -197,13 +197,14 @@ def test_case_grid_rejects_fp32():
 
 def test_providers_per_prefetch_choice():
     names = lambda p: [x.name for x in bg.providers(p)]  # noqa: E731
+    peers = ["torch", "scaled_mm", "scaled_mm-fp8act"]
     assert names("both") == ["cuda", "cuda-prefetch-off", "triton", "triton-prefetch-off",
-                             "torch", "scaled_mm"]
-    assert names("on") == ["cuda", "triton", "torch", "scaled_mm"]
-    assert names("off") == ["cuda-prefetch-off", "triton-prefetch-off", "torch", "scaled_mm"]
+                             *peers]
+    assert names("on") == ["cuda", "triton", *peers]
+    assert names("off") == ["cuda-prefetch-off", "triton-prefetch-off", *peers]
     assert {p.cli_name for p in bg.providers("both")} == {"cuda", "triton", "torch",
                                                           "scaled_mm"}
-    assert [p.peer for p in bg.providers("on")] == [False, False, True, True]
+    assert [p.peer for p in bg.providers("on")] == [False, False, True, True, True]
     with pytest.raises(ValueError, match="--prefetch must be one of"):
         bg.providers("sometimes")
 
@@ -311,17 +312,22 @@ def test_notes_carry_same_run_ratios(monkeypatch):
     case = bg.gemm_case(1, 4096, 4096, -1, BF16)
     outs = [_outcome(case, n, us) for n, us in (("cuda", 6.0), ("cuda-prefetch-off", 9.0),
                                                 ("triton", None), ("torch", 18.0),
-                                                ("scaled_mm", 12.0))]
+                                                ("scaled_mm", 12.0),
+                                                ("scaled_mm-fp8act", 8.0))]
     bg.SCALED_MM_MODES["bf16"] = "rowwise"
     bg.finish(outs, _run(), CEIL)
     notes = {o.provider.name: o.note for o in outs}
-    assert notes["cuda"] == "prefetch on, 3.00x vs torch, 2.00x vs scaled_mm"
+    assert notes["cuda"] == "prefetch on, 3.00x vs torch, 2.00x vs scaled_mm, " \
+                            "1.33x vs scaled_mm-fp8act"
     assert notes["cuda-prefetch-off"] == "prefetch off (stages=1), 2.00x vs torch, " \
-                                         "1.33x vs scaled_mm"
+                                         "1.33x vs scaled_mm, 0.89x vs scaled_mm-fp8act"
     assert notes["triton"] == "boom"  # a failure keeps its reason, gets no rows
     assert outs[2].rows == []
-    assert notes["scaled_mm"] == "W8A8 row-wise scales, act quant timed, 1.50x vs torch"
-    assert notes["torch"] == "0.67x vs scaled_mm"
+    assert notes["scaled_mm"] == "W8A8 row-wise scales, act quant timed, 1.50x vs torch, " \
+                                 "0.67x vs scaled_mm-fp8act"
+    assert notes["scaled_mm-fp8act"] == "W8A8 row-wise scales, fp8 act given, " \
+                                        "2.25x vs torch, 1.50x vs scaled_mm"
+    assert notes["torch"] == "0.67x vs scaled_mm, 0.44x vs scaled_mm-fp8act"
     monkeypatch.setenv("TRITON_DISABLE_MACA_OPT_MMA_PREFETCH", "1")
     assert bg.row_notes(outs)[id(outs[0])].startswith("prefetch off (TRITON_DISABLE_MACA")
 
@@ -333,11 +339,12 @@ def test_summary_table():
             _outcome(cases[1], "cuda", 7.0), _outcome(cases[1], "torch", 19.0)]
     headers, lines = bg.summary_rows(outs, 4.27)
     assert headers == ["N x K", "M", "fp8-w floor us", "cuda us", "triton us", "torch us",
-                       "scaled_mm us", "best ours", "vs torch", "vs scaled_mm", "% floor"]
+                       "scaled_mm us", "best ours", "vs torch", "vs scaled_mm",
+                       "vs scaled_mm-fp8act", "% floor"]
     assert lines[0] == ["4096x4096", "1", "3.9", "6.0", "5.0", "18.0", "12.0", "triton",
-                        "3.60x", "2.40x", "79%"]
+                        "3.60x", "2.40x", "", "79%"]
     assert lines[1][:8] == ["4096x4096", "16", "4.0", "7.0", "", "19.0", "", "cuda"]
-    assert lines[1][8:] == ["2.71x", "", "57%"]
+    assert lines[1][8:] == ["2.71x", "", "", "57%"]
     caption = bg.summary_caption(outs)
     assert caption.startswith("6 measured, 0 failed, 0 skipped")
     assert "best of ours vs torch: 3.13x (geo-mean of 2)" in caption  # sqrt(3.6 * 19/7)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench import dashboard, regress, results
@@ -131,3 +133,32 @@ def test_dashboard_check_exit_status(root, capsys):
     out = capsys.readouterr().out
     assert "REGRESSED nvidia-h200 | bench | rms_norm | triton | tokens=1 hidden=4096" in out
     assert dashboard.main(args + ["--threshold", "0.25"]) == 0
+
+
+def test_accepted_regressions_pass_with_their_reason(root, capsys):
+    write_fake_run(root, 1, grid())
+    write_fake_run(root, 2, grid(cuda_4096=1.10))
+    regressed = _check(root).regressions
+    assert len(regressed) == 2
+    first = regressed[0]
+    entry = {"series": first.series, "new_run": first.new_run, "reason": "config retuned"}
+    (root / regress.ACCEPTED_NAME).write_text(json.dumps([entry]))
+    report = _check(root, accepted=regress.read_accepted(root))
+    assert [v.series for v in report.regressions] == [regressed[1].series]  # the other fails
+    assert [v.series for v in report.accepted] == [first.series]
+    assert f"ACCEPTED {first.series}" in report.summary()
+    assert "config retuned" in report.summary()
+    # both accepted: the check passes and still shows them
+    entries = [entry, {**entry, "series": regressed[1].series}]
+    (root / regress.ACCEPTED_NAME).write_text(json.dumps(entries))
+    args = ["--check", "--results", str(root)]
+    assert dashboard.main(args) == 0
+    out = capsys.readouterr().out
+    assert "check passed: no regression" in out and "2 accepted" in out
+    # an acceptance names one run: the same series regressing in a later run fails again
+    write_fake_run(root, 3, grid(cuda_4096=1.10 * 1.10))
+    assert dashboard.main(args) == 1
+    # a malformed file is an error naming it, not a silent pass
+    (root / regress.ACCEPTED_NAME).write_text(json.dumps([{"series": "x"}]))
+    assert dashboard.main(args) == 2
+    assert regress.ACCEPTED_NAME in capsys.readouterr().err
