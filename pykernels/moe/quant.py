@@ -81,7 +81,10 @@ def quantize_fp8_torch(x: torch.Tensor, a_scale: torch.Tensor | None = None):
     """The same quantization in torch: (q [rows, cols] fp8, scale [rows] or a_scale [1] fp32)."""
     xf = x.float()
     if a_scale is None:
-        scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp_min(MIN_SCALE)
+        amax = xf.abs().amax(dim=-1)
+        # by a tensor: torch divides by a Python number as a multiply by its (inexact)
+        # reciprocal, which is 1 ulp off div_rn for some amax
+        scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(MIN_SCALE)
         q = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return q, scale
     scale = a_scale.float().reshape(1)

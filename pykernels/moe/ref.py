@@ -101,7 +101,10 @@ def fake_quant_fp8(x: torch.Tensor, a_scale: torch.Tensor | None = None) -> torc
     """x (fp32 rows) rounded through float8_e4m3fn: per row with scale max|row| / 448, or with
     the static per-tensor a_scale; returns the dequantized fp32 values."""
     if a_scale is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+        amax = x.abs().amax(dim=-1, keepdim=True)
+        # amax / 448 by a tensor: torch divides by a Python number as a multiply by its
+        # reciprocal (1/448 is inexact), the kernels divide correctly rounded (div_rn)
+        scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(FP8_MIN_SCALE)
     else:
         scale = a_scale.float().reshape(1, 1)
     q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
