@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from pykernels.moe.quant import quantize_fp8_torch
+
 
 def max_padded_tokens(numel: int, num_experts: int, block_size: int) -> int:
     """Worst-case padded total: every expert's group may need block_size - 1 padding slots."""
@@ -93,22 +95,12 @@ def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 
 # ---- fused_moe ----------------------------------------------------------------------------------
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
-FP8_MIN_SCALE = 1e-12  # the scale of an all-zero row
-
-
 def fake_quant_fp8(x: torch.Tensor, a_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (fp32 rows) rounded through float8_e4m3fn: per row with scale max|row| / 448, or with
-    the static per-tensor a_scale; returns the dequantized fp32 values."""
-    if a_scale is None:
-        amax = x.abs().amax(dim=-1, keepdim=True)
-        # amax / 448 by a tensor: torch divides by a Python number as a multiply by its
-        # reciprocal (1/448 is inexact), the kernels divide correctly rounded (div_rn)
-        scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(FP8_MIN_SCALE)
-    else:
-        scale = a_scale.float().reshape(1, 1)
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.float() * scale
+    """x (fp32 rows) rounded through float8_e4m3fn as the kernels quantize it (per row with
+    scale max|row| / 448, or with the static per-tensor a_scale: quant.quantize_fp8_torch);
+    returns the dequantized fp32 values."""
+    q, scale = quantize_fp8_torch(x, a_scale)
+    return q.float() * scale.reshape(-1, 1)
 
 
 def dequantize_fp8_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
