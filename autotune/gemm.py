@@ -19,7 +19,9 @@ backend choice times each backend at the config just tuned for it:
   pairs (decode, m <= 64: 128-wide K tiles at 3-5 stages, streaming the weight; larger m: 64 x
   3-4 and 128 x 2-3; prefetch off at 128 resp. 64) x SPLIT_K 1/2/4/8 (m <= 64 only, <= 2 waves
   of programs, >= max(4, num_stages) K tiles a split) x num_warps (4 at decode; above, 4 up to
-  8K fp32 accumulators a program, 8 from 8K); tiles over 200 KB of shared memory are dropped.
+  16K fp32 accumulators a program, 8 from 8K) x TMA on/off above m = 64 (tiles by tensor
+  memory access or by pointers; decode sizes keep pointers, whose launch costs less host time);
+  tiles over 200 KB of shared memory are dropped.
 - ``fp8_gemm_backend`` (GEMM_BACKEND): {"backend": cuda | triton} through fp8_marlin_gemm, each
   at its tuned config; the default {"backend": "auto"} (the fixed order, CUDA first) competes.
 
@@ -32,7 +34,7 @@ four ANCHORS shapes) by default, ``--model`` (bench.shapes.linear_shapes), ``--s
 
 Cost of a cold tune of the default grid (24 buckets per op; ``--dry-run`` prints the same
 counts for any grid): 890 CUDA candidates, which compile nothing (every tile and stage count
-is built into pykernels._C), 525 Triton candidates over ~95 distinct compiles (SPLIT_K is a grid
+is built into pykernels._C), 1125 Triton candidates over ~144 distinct compiles (SPLIT_K is a grid
 dimension, but M == 1 and the K tiles a split covers specialize the kernel), and 72 backend
 candidates. At an assumed ~0.1 s to check and time a candidate, ~1.5 s a Triton compile and
 ~0.3 s of inputs and reference per bucket (assumptions, not yet measured on the H200): ~5 min.
@@ -74,7 +76,7 @@ TRITON_SPLITS = (1, 2, 4, 8)
 # Prefetch off (1 stage) at DECODE_K resp. LARGE_K (and only that under
 # TRITON_DISABLE_MACA_OPT_MMA_PREFETCH=1).
 DECODE_PIPES = {(128, 3), (128, 4), (128, 5)}
-LARGE_PIPES = {(64, 3), (64, 4), (128, 2), (128, 3)}
+LARGE_PIPES = {(64, 3), (64, 4), (128, 2), (128, 3), (128, 4)}
 DECODE_K, LARGE_K = 128, 64
 SMEM_LIMIT = 200 * 1024  # of 227 KB per block on H100/H200; the rest for Triton's epilogue
 OPS = {"cuda": "fp8_gemm_cuda", "triton": "fp8_gemm_triton", "backend": "fp8_gemm_backend"}
@@ -143,11 +145,11 @@ def _pipe_ok(bk: int, stages: int, decode: bool) -> bool:
 
 
 def _warps_ok(warps: int, acc: int, decode: bool) -> bool:
-    """4 warps up to 8K fp32 accumulators a program (64 registers a thread), 8 from 8K (both
-    at 8K); decode tiles (<= 128 x 64) always run 4."""
+    """4 warps up to 16K fp32 accumulators a program (128 registers a thread: the 64 x 256 tile
+    an H200 ran fastest at m = 1024), 8 from 8K; decode tiles (<= 128 x 64) always run 4."""
     if decode:
         return warps == 4
-    return acc <= 8192 if warps == 4 else acc >= 8192
+    return acc <= 16384 if warps == 4 else acc >= 8192
 
 
 def triton_split_ok(split: int, programs: int, k_tiles: int, stages: int, m: int) -> bool:
@@ -168,6 +170,10 @@ def triton_valid(cfg: dict, shape: dict) -> bool:
         return False
     if not _pipe_ok(bk, stages, decode):
         return False
+    if cfg.get("TMA") and decode:
+        # A TMA launch costs ~20 us more host time (two tensor descriptors; 55 vs 35 us a call
+        # on the H200 host): more than a decode GEMM's whole run when not graph-captured.
+        return False
     elt = dtype_of(shape).itemsize
     if max(stages, 1) * (bn * bk + bm * bk * elt) > SMEM_LIMIT:  # fp8 weight + x tiles
         return False
@@ -183,7 +189,7 @@ def triton_compile_key(cfg: dict, shape: dict) -> tuple:
     split = max(1, min(cfg["SPLIT_K"] or 1, k_tiles))
     per = -(-k_tiles // split)
     return (cfg["BLOCK_N"], cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["num_warps"],
-            cfg["num_stages"], shape["dtype"], shape["group_size"],
+            cfg["num_stages"], cfg.get("TMA", False), shape["dtype"], shape["group_size"],
             shape["k"] % cfg["BLOCK_K"] == 0, shape["m"] == 1, split > 1,
             per == 1 or per % 16 == 0)
 
@@ -236,7 +242,8 @@ def spaces(kind: str = "full") -> dict[str, Space]:
                                 "num_stages": CUDA_STAGES}, valid=cuda_valid),
         "fp8_gemm_triton": Space({"BLOCK_N": (64, 128), "BLOCK_M": (16, 32, 64, 128, 256),
                                   "BLOCK_K": (64, 128), "SPLIT_K": TRITON_SPLITS,
-                                  "num_warps": (4, 8), "num_stages": (1, 2, 3, 4, 5)},
+                                  "num_warps": (4, 8), "num_stages": (1, 2, 3, 4, 5),
+                                  "TMA": (True, False)},
                                  valid=triton_valid),
         "fp8_gemm_backend": backend,
     }

@@ -36,13 +36,16 @@ def cuda_default(m: int, **_) -> dict:
 
 
 def triton_default(m: int, **_) -> dict:
-    """Swap-AB tile: BLOCK_N weight rows are the MMA's M side, BLOCK_M tokens its N side."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    big = m > 64
-    # SPLIT_K 0: split at launch to fill the GPU (decode: N / BLOCK_N tiles alone leave SMs idle)
-    return {"BLOCK_N": 128 if big else 64, "BLOCK_M": block_m, "BLOCK_K": 128 if not big else 64,
-            "SPLIT_K": 1 if big else 0, "num_warps": 8 if big else 4, "num_stages": 4,
-            "prefetch": True}
+    """Swap-AB tile: BLOCK_N weight rows are the MMA's M side, BLOCK_M tokens its N side. The
+    large-m tile is the one an H200 sweep put first at m = 1024 (64 x 256 x 64, 4 warps, 3
+    stages: two programs an SM)."""
+    if m <= 64:
+        # SPLIT_K 0: split at launch to fill the GPU (N / BLOCK_N tiles alone leave SMs idle)
+        return {"BLOCK_N": 64, "BLOCK_M": 16 if m <= 16 else 32 if m <= 32 else 64,
+                "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 4,
+                "prefetch": True, "TMA": False}  # TMA: +20 us host a launch, too much here
+    return {"BLOCK_N": 64, "BLOCK_M": 128 if m <= 128 else 256, "BLOCK_K": 64, "SPLIT_K": 1,
+            "num_warps": 4, "num_stages": 3, "prefetch": True, "TMA": True}
 
 
 GEMM_CUDA = Tunable("fp8_gemm_cuda", family="quant", key=KEY, bucket="m",

@@ -87,7 +87,8 @@ def test_triton_space_per_bucket():
     for p in _plans("fp8_gemm_triton"):
         m, n, k = p.shape["m"], p.shape["n"], p.shape["k"]
         assert p.candidates[0] == tunables.triton_default(m)
-        assert 8 <= len(p.candidates) <= 30, (p.key, len(p.candidates))
+        assert {c["TMA"] for c in p.candidates} == ({False} if m <= ag.DECODE_M else {True, False})
+        assert 8 <= len(p.candidates) <= 80, (p.key, len(p.candidates))  # x TMA on / off
         for c in p.candidates[1:]:
             bn, bm, bk, st = c["BLOCK_N"], c["BLOCK_M"], c["BLOCK_K"], c["num_stages"]
             assert bm in ag.triton_block_ms(m) and bn in (64, 128) and bk in (64, 128)
@@ -97,7 +98,7 @@ def test_triton_space_per_bucket():
                 assert c["num_warps"] == 4 and bk == 128
             else:
                 assert c["SPLIT_K"] == 1
-                assert (c["num_warps"] == 8) == (bn * bm > 8192) or bn * bm == 8192
+                assert bn * bm <= 16384 if c["num_warps"] == 4 else bn * bm >= 8192
             if c["SPLIT_K"] > 1:
                 programs = math.ceil(n / bn) * math.ceil(m / bm)
                 assert programs * c["SPLIT_K"] <= 2 * ag.SMS_DEFAULT
@@ -112,9 +113,9 @@ def test_cold_tune_of_the_default_grid_stays_small():
     est = ag.estimate(plans)
     assert est["buckets"] == 3 * 24
     assert est["candidates"]["fp8_gemm_cuda"] <= 950
-    assert est["candidates"]["fp8_gemm_triton"] <= 550
+    assert est["candidates"]["fp8_gemm_triton"] <= 1200
     assert est["candidates"]["fp8_gemm_backend"] == 3 * 24  # auto, cuda, triton
-    assert 60 <= est["triton_compiles"] <= 110
+    assert 120 <= est["triton_compiles"] <= 170
     # Group scales and a second dtype double the buckets, not the space per bucket.
     grouped = [{**s, "group_size": 128} for s in DEFAULT_SHAPES]
     assert ag.estimate({"fp8_gemm_triton": _plans("fp8_gemm_triton", grouped)})[

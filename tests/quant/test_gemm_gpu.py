@@ -104,6 +104,43 @@ def test_triton_split_k(monkeypatch, split_k, atomic):
         assert all(torch.equal(r, runs[0]) for r in runs[1:])
 
 
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_wgmma_register_reuse(dtype, tma):
+    """The tile that summed stale registers before PIN_ACC (pykernels/quant/triton.py): 64 x 256
+    x 64, 3 stages, two programs an SM at M = 1024 (inf in 7% of the outputs on an H200)."""
+    from pykernels.quant import triton as tq
+
+    p = _weight(4096, 4096, -1)
+    x = make_x(1024, 4096, dtype, device="cuda")
+    cfg = {"BLOCK_N": 64, "BLOCK_M": 256, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4,
+           "num_stages": 3, "TMA": tma}
+    want = _want(x, p)
+    for _ in range(3):
+        out = poisoned(1024, 4096, dtype=dtype, device="cuda")
+        tq.gemm(x, p.qweight, p.scales, out, config=cfg)
+        close(out, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+@pytest.mark.parametrize("m, n, k", [(257, 192, 320), (33, 1024, 4160), (1, 7168, 4096),
+                                     (1024, 320, 4160)])
+@pytest.mark.parametrize("tma", [True, False])
+def test_triton_tma_tiles(m, n, k, group_size, tma):
+    """Tensor-memory-access tiles past M, N (the last panel) and K (a half panel) come back
+    zero-filled; x one element off 16-byte alignment falls back to pointer loads."""
+    from pykernels.quant import triton as tq
+
+    p = _weight(n, k, group_size)
+    aligned = make_x(m, k, BF16, device="cuda", nan_around=True)  # NaN past m and k
+    off = make_x(m, k + 1, BF16, device="cuda", nan_around=True)[:, 1:]  # 2 bytes off
+    for x in (aligned, off):
+        out = poisoned(m, n, dtype=BF16, device="cuda")
+        tq.gemm(x, p.qweight, p.scales, out,
+                config={"TMA": tma, "BLOCK_M": 16 if m <= 16 else 64, "SPLIT_K": 1})
+        close(out, _want(x, p), TOL[BF16])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("group_size", [-1, 128])
 @pytest.mark.parametrize("dtype, x_scale", [(BF16, 1e-3), (BF16, 1e-7), (FP16, 1e-3)])

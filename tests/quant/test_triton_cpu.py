@@ -153,12 +153,27 @@ def _compile_sm90(block: tuple, group: bool, atomic: bool = False, even_k: bool 
     sig = {"x_ptr": f"*{act}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
            "c_ptr": "*fp32" if atomic else f"*{act}",
            **{name: "i32" for name in fn.arg_names[4:12]}}
+    dtype = torch.bfloat16 if act == "bf16" else torch.float16
     const = dict(GROUP=group, EVEN_K=even_k, ATOMIC=atomic, DOT_PRECISION="tf32",
-                 BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk)
+                 BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, CVT_ASM=tq._cvt_asm(dtype),
+                 CVT_BIAS=tq._CVT_BIAS[dtype], TMA=False, PIN_ACC=True)
     aligned = ["x_ptr", "w_ptr", "s_ptr", "c_ptr", "N", "K", "stride_xm", "stride_cm"]
     r = compile_sm90(fn, sig, const, aligned, warps, stages)
     byte_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.[bsu]8\b", r["ptx"]))
-    return r["regs"], r["stack"], r["pipelined"], r["wgmma"], byte_loads
+    return r["regs"], r["stack"], r["pipelined"], r["wgmma"], byte_loads, _loop_waits(r["ptx"])
+
+
+def _loop_waits(ptx: str) -> list[int]:
+    """The wgmma.wait_group counts inside the main loop, in order."""
+    import re
+
+    head = re.search(r"^(\$L__BB\d+_\d+):.*Inner Loop Header", ptx, re.M)
+    if head is None:
+        return []
+    body = ptx[head.end():ptx.index(f"bra.uni \t{head.group(1)};", head.end())
+               if f"bra.uni \t{head.group(1)};" in ptx[head.end():]
+               else ptx.index(f"bra \t{head.group(1)};", head.end())]
+    return [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", body)]
 
 
 SM90_TILES = [  # ((BLOCK_N, BLOCK_M, BLOCK_K, warps, stages), group, atomic, even_k[, act])
@@ -189,8 +204,12 @@ def test_kernel_compiles_for_sm90():
     if done.returncode != 0 and ("ptxas" in done.stderr or "No such file" in done.stderr):
         pytest.skip(f"no sm_90 compile toolchain here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stderr[-2000:]
-    for (block, *_), (regs, stack, pipelined, wgmma, byte_loads) in zip(
+    for (block, *_), (regs, stack, pipelined, wgmma, byte_loads, waits) in zip(
             SM90_TILES, json.loads(done.stdout.strip().splitlines()[-1])):
+        # The converted weight is the wgmma's register operand: the last wgmma of a K step must
+        # be waited for inside the step (PIN_ACC), before the next step's loads can land in
+        # those registers (triton 3.6 left it pending: wrong sums on an H200).
+        assert waits and waits[-1] == 0, (block, waits)
         # 56-163 registers (triton 3.6 and 3.9), every tile on wgmma with the converted weight
         # (registers) as operand A. Byte-wise weight loads (no 16-byte alignment proven for the
         # panel offset) cost 255 registers and the cp.async pipeline under triton 3.6.
