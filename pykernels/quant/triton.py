@@ -62,6 +62,7 @@ _BLOCK_K = (32, 64, 128)  # divisors of the panel: a K tile stays within one pan
 # kernel multiplies the fp32 accumulator back. triton's own `.to(bfloat16)` goes e4m3 -> f16
 # (F2FP) then one F2F.BF16.F16 per weight, a conversion-pipe instruction: 3 per pair against 4
 # integer ones here that issue on the ALU and FMA pipes.
+@functools.cache
 def _cvt_asm(dtype: torch.dtype) -> str:
     """The PTX for 4 codes (one 32-bit register $2) -> 4 values (registers $0, $1)."""
     shift, sign_bits, sign_mul = (("16", "0x08000800", "15") if dtype == torch.bfloat16
@@ -141,6 +142,7 @@ def _fp8_gemm_kernel(
                 # next tile into the registers the previous wgmma still reads (wrong sums on an
                 # H200, triton 3.6, 2 CTAs per SM). A use of acc outside a dot makes triton wait
                 # for the wgmma here; the mov itself is free.
+                # (GROUP needs no pin: its multiply by the scale already uses the dot result.)
                 acc = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc],
                                                 dtype=tl.float32, is_pure=True, pack=1)
     if not GROUP:

@@ -291,25 +291,11 @@ SM90_TILES = [  # (gated, fp8, (BM, BN, BK, GROUP_SIZE_M, warps, stages), uses w
 @CPU_ONLY
 def test_kernel_compiles_for_sm90():
     """Tiles the tuner searches compile for Hopper, pipelined (cp.async; wgmma from 64-row
-    blocks) and without spilling: caught here, before a GPU run. In a child process: the
-    interpreter (on in this one) replaces the JIT functions the compiler needs."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    blocks) and without spilling: caught here, before a GPU run."""
+    from tests.triton_sm90 import results_in_child
 
-    code = ("import json; from tests.moe.test_fused_moe import SM90_TILES, _compile_sm90; "
-            "print(json.dumps([_compile_sm90(*t[:3]) for t in SM90_TILES]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    if done.returncode != 0 and ("ptxas" in done.stderr or "No such file" in done.stderr):
-        pytest.skip(f"no sm_90 compile toolchain here: {done.stderr[-300:]}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    for (_, _, block, wgmma), (regs, stack, pipelined, uses_wgmma) in zip(
-            SM90_TILES, json.loads(done.stdout.strip().splitlines()[-1])):
+    results = results_in_child("tests.moe.test_fused_moe", "_compile_sm90(*t[:3])")
+    for (_, _, block, wgmma), (regs, stack, pipelined, uses_wgmma) in zip(SM90_TILES, results):
         assert pipelined and uses_wgmma == wgmma and stack == 0 and regs <= 255, block
 
 

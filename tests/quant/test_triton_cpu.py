@@ -164,15 +164,15 @@ def _compile_sm90(block: tuple, group: bool, atomic: bool = False, even_k: bool 
 
 
 def _loop_waits(ptx: str) -> list[int]:
-    """The wgmma.wait_group counts inside the main loop, in order."""
+    """The wgmma.wait_group counts inside the main loop (from its header label to the branch
+    back to it), in order."""
     import re
 
     head = re.search(r"^(\$L__BB\d+_\d+):.*Inner Loop Header", ptx, re.M)
     if head is None:
         return []
-    body = ptx[head.end():ptx.index(f"bra.uni \t{head.group(1)};", head.end())
-               if f"bra.uni \t{head.group(1)};" in ptx[head.end():]
-               else ptx.index(f"bra \t{head.group(1)};", head.end())]
+    back = re.compile(rf"\bbra(?:\.uni)?\s+{re.escape(head.group(1))};").search(ptx, head.end())
+    body = ptx[head.end():back.start()]
     return [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", body)]
 
 
@@ -187,25 +187,11 @@ SM90_TILES = [  # ((BLOCK_N, BLOCK_M, BLOCK_K, warps, stages), group, atomic, ev
 
 
 def test_kernel_compiles_for_sm90():
-    """In a child process: the interpreter (on in this one) replaces the JIT functions the
-    compiler needs."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.triton_sm90 import results_in_child
 
-    code = ("import json; from tests.quant.test_triton_cpu import SM90_TILES, _compile_sm90; "
-            "print(json.dumps([_compile_sm90(*t) for t in SM90_TILES]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    if done.returncode != 0 and ("ptxas" in done.stderr or "No such file" in done.stderr):
-        pytest.skip(f"no sm_90 compile toolchain here: {done.stderr[-300:]}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    for (block, *_), (regs, stack, pipelined, wgmma, byte_loads, waits) in zip(
-            SM90_TILES, json.loads(done.stdout.strip().splitlines()[-1])):
+    results = results_in_child("tests.quant.test_triton_cpu", "_compile_sm90(*t)")
+    for (block, *_), (regs, stack, pipelined, wgmma, byte_loads, waits) in zip(SM90_TILES,
+                                                                                 results):
         # The converted weight is the wgmma's register operand: the last wgmma of a K step must
         # be waited for inside the step (PIN_ACC), before the next step's loads can land in
         # those registers (triton 3.6 left it pending: wrong sums on an H200).
