@@ -51,7 +51,9 @@ from autotune.tuner import Case, default_timer, plan, tune
 from pykernels import envs
 from pykernels.attention import _common, _dispatch, ref, triton_decode, triton_prefill, tunables
 
-SPLITS = (1, 2, 4, 8, 16, 32, 48, 64)
+# 3, 6, 12, 24: a single wave where a power of two leaves a tail (bs=16, 8 kv heads: 3 splits
+# are 384 programs, within 3 per SM x 132); 96, 128: bs=1 with 32k keys (256-token splits).
+SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 # The split-KV workspace of a fixed-buffer plan holds ~4 x (2 CTAs per SM) programs
 # (plan.GenericDecodeRunner): past 8 waves a plan clamps the split count anyway.
 MAX_WAVES = 8
@@ -112,9 +114,12 @@ def decode_triton_valid(cfg: dict, shape: dict) -> bool:
 # Keys the CUDA kernel streams per pipeline stage at d=128 (32 KB of 16-bit K and V): the unit
 # "kv blocks" counts for its splits.
 CUDA_TILE_KEYS = 64
+CUDA_MAX_SPLITS = 64  # pykernels.attention.cuda.MAX_SPLITS (not imported: it loads the op library)
 
 
 def decode_cuda_valid(cfg: dict, shape: dict) -> bool:
+    if cfg["num_splits"] > CUDA_MAX_SPLITS:
+        return False
     programs = shape["batch"] * shape["num_kv_heads"]
     blocks = -(-shape["kv_len"] // CUDA_TILE_KEYS)
     return splits_ok(cfg["num_splits"], programs, blocks, _sms())

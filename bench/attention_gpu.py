@@ -22,6 +22,7 @@ import traceback
 
 import torch
 
+from bench.attention import WORKSPACE_BYTES
 from bench.timing import measure, rotation_count
 from pykernels import attention
 from pykernels.attention import PagedDecode, PagedPrefill, ref
@@ -83,7 +84,7 @@ def ours_decode(x, backend, batch, config=None):
 def fi_decode(x, batch, tensor_cores):
     import flashinfer
 
-    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         ws, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
         paged_kv_indptr_buffer=torch.empty_like(x.table[0]),
@@ -247,7 +248,7 @@ def ours_prefill(x, batch, n, config=None):
 def fi_prefill(x, batch, n):
     import flashinfer
 
-    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
     w.plan(x.t["qo_indptr"], *x.table, HQ, HKV, D, PS, causal=True, q_data_type=DT,
            kv_data_type=DT)

@@ -30,12 +30,49 @@ def compile_sm90(fn, sig: dict, const: dict, aligned: list[str], warps: int,
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(out.asm["cubin"])
         f.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
+        usage, sass = (subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
+                                      check=True).stdout
+                       for flag in ("--dump-resource-usage", "-sass"))
     regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
     ttgir = out.asm["ttgir"]
     return {"regs": regs, "stack": stack, "pipelined": "async_copy" in ttgir,
-            "wgmma": "warp_group_dot" in ttgir, "ptx": out.asm["ptx"]}
+            "wgmma": "warp_group_dot" in ttgir, "ptx": out.asm["ptx"],
+            "hazards": wgmma_register_hazards(sass)}
+
+
+def wgmma_register_hazards(sass: str) -> list[str]:
+    """Instructions that write an A-operand register of a register-operand wgmma (HGMMA) still
+    in flight: from each such HGMMA on, through one loop back-edge, until a WARPGROUP.DEPBAR
+    retires its group (`DEPBAR.LE gsb0, n` retires it once n groups were committed after it).
+    PTX leaves those registers undefined until the wait; triton 3.6 let ptxas load the next K
+    step's weight into them (inf in 7% of an FP8 GEMM's outputs on an H200, docs/quant.md)."""
+    code = [(int(a, 16), t) for a, t in
+            re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    at = {a: i for i, (a, _) in enumerate(code)}
+    found = []
+    for i, (addr, text) in enumerate(code):
+        a = re.search(r"HGMMA\.\S+\s+R\d+,\s*R(\d+)", text)
+        if not a:
+            continue
+        regs = {f"R{int(a.group(1)) + r}" for r in range(4)}
+        closed, after, j, back_taken = "gsb0" in text, 0, i + 1, False
+        while j < len(code):
+            b, t = code[j]
+            if "HGMMA" in t and "gsb0" in t:
+                after, closed = after + closed, True
+            dep = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)", t)
+            if dep and closed and after >= int(dep.group(1), 16):
+                break
+            dst = re.match(r"(?:@!?U?P\w+\s+)?[\w.]+\s+(R\d+)\b", t)
+            if "HGMMA" not in t and dst and dst.group(1) in regs:
+                found.append(f"{addr:#x} {text} <- {b:#x} {t}")
+                break
+            br = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)", t)
+            if br and not back_taken and int(br.group(1), 16) < b:
+                j, back_taken = at[int(br.group(1), 16)], True
+                continue
+            j += 1
+    return found
 
 
 def results_in_child(module: str, call: str) -> list:

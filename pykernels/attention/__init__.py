@@ -161,8 +161,8 @@ def append_paged_kv(k, v, kv_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0,
         slot_mapping = slot_mapping.to(k.device, non_blocking=True)
     name = backend_name(APPEND, backend)
     APPEND.get(name, k.device).append(k, v, kv_cache, slot_mapping.long(),
-                                      _common.scalar("k_scale", k_scale),
-                                      _common.scalar("v_scale", v_scale))
+                                      _common.scalar("k_scale", k_scale, positive=True),
+                                      _common.scalar("v_scale", v_scale, positive=True))
     return kv_cache
 
 

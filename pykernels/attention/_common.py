@@ -27,9 +27,10 @@ HEAD_DIMS = (64, 128, 256)
 Q_DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
 INDEX_DTYPES = (torch.int32, torch.int64)
-# Upper bound of the split count: partials are [batch, q_heads, splits, head_dim] fp32, and past
-# ~64 splits of a 32k sequence each split holds < 512 tokens, below which the merge dominates.
-MAX_SPLITS = 64
+# Upper bound of the split count: partials are [batch, q_heads, splits, head_dim] fp32 (bs=1,
+# 32 q heads, d=128: 2 MB at 128 splits), and past 128 splits of a 32k sequence each split holds
+# < 256 tokens, below which the merge dominates.
+MAX_SPLITS = 128
 # Aliases accepted in VLLM_ATTENTION_BACKEND (vLLM's names) for our backend names.
 _ALIASES = {"flashinfer": "fi", "flash_attn": "fa", "flash-attn": "fa", "triton_attn": "triton",
             "torch_sdpa": "torch", "reference": "torch"}
@@ -44,6 +45,16 @@ class Params:
     window_left: int = -1  # -1: off
     k_scale: float = 1.0
     v_scale: float = 1.0
+
+    def __post_init__(self):
+        # The kernels take the row max of the raw logits before scaling them: a scale <= 0 (or
+        # NaN) would pick the wrong row max, a silent wrong answer.
+        for name in ("sm_scale", "k_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not math.isfinite(self.v_scale):
+            raise ValueError(f"v_scale must be finite, got {self.v_scale}")
 
     def ref_kwargs(self) -> dict:
         return {"sm_scale": self.sm_scale, "logits_soft_cap": self.logits_soft_cap,
@@ -239,9 +250,13 @@ def check_out(out, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def scalar(name: str, value, kind=float):
+def scalar(name: str, value, kind=float, positive: bool = False):
+    """`value` as a Python `kind`; `positive`: a quantization scale (the append divides by it)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()  # a host sync for device tensors: pass floats on the hot path
-    return kind(value)
+    value = kind(value)
+    if positive and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value

@@ -25,8 +25,10 @@ except ImportError as err:
     raise BackendUnavailable(
         "flashinfer is not installed (pip install flashinfer-python)") from err
 
-# FlashInfer's recommended float workspace: split-KV partials of its decode and prefill.
-WORKSPACE_BYTES = 128 << 20
+# Float workspace for FlashInfer's split-KV partials, vLLM's size: the 128 MB FlashInfer suggests
+# overflowed on the tensor-core decode at bs=512 (167.5 MB of batch_prefill_tmp_v; H200, results/
+# nvidia-h200/attention/attention_gpu-20261121-346540e.log).
+WORKSPACE_BYTES = 394 << 20
 _SHARED: dict[torch.device, torch.Tensor] = {}
 # Eager wrappers reused by plain paged_decode/paged_prefill calls (a new wrapper pins host memory).
 _PLAIN: dict[tuple, object] = {}

@@ -36,8 +36,9 @@ def _attend_block(acc, m, l_sum, q, k_base, stride_kv, kv_indices_ptr, page_lo, 
     s = tl.dot(q, tl.trans(k.to(q.dtype)))
     if SOFT_CAP:
         s = cap_scale * _tanh(s * qk_scale)
-    else:
-        s = s * qk_scale
+        scale = 1.0
+    else:  # scaled inside the exp2's FFMA below (qk_scale > 0: the row max commutes with it)
+        scale = qk_scale
     if MASK:
         keep = n_ok[None, :]
         if CAUSAL:
@@ -45,13 +46,17 @@ def _attend_block(acc, m, l_sum, q, k_base, stride_kv, kv_indices_ptr, page_lo, 
         if WINDOW:
             keep = keep & (offs_n[None, :] >= pos[:, None] - window_left)
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    m_new = tl.maximum(m, tl.max(s, 1) * scale)
+    if MASK:  # rows that saw no key yet keep m = -inf: exp2 against 0 instead of NaN
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every row saw a key of the first, unmasked block
+        m_new_safe = m_new
+    alpha = tl.exp2(m - m_new_safe)
+    p = tl.exp2(s * scale - m_new_safe[:, None])
     v = tl.load(k_base + stride_kv + row[:, None] + offs_d[None, :], mask=n_ok[:, None],
                 other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     l_sum = l_sum * alpha + tl.sum(p, 1)
     return acc, m_new, l_sum
 

@@ -64,9 +64,9 @@ def _splits(space, shape):
 def test_decode_split_counts_fill_the_gpu_without_overflowing_the_workspace(h200_sms):
     space = drv.spaces()["paged_decode_triton"]
     # bs=1, 8 kv heads: 1-8 splits would leave >= half the 132 SMs idle
-    assert _splits(space, _anchor(1, 4096)) == [16, 32, 48, 64]
-    assert _splits(space, _anchor(4, 4096)) == [4, 8, 16, 32]
-    assert _splits(space, _anchor(16, 4096)) == [1, 2, 4, 8]
+    assert _splits(space, _anchor(1, 4096)) == [12, 16, 24, 32, 48, 64, 96, 128]
+    assert _splits(space, _anchor(4, 4096)) == [3, 4, 6, 8, 12, 16, 24, 32]
+    assert _splits(space, _anchor(16, 4096)) == [1, 2, 3, 4, 6, 8]
     assert _splits(space, _anchor(64, 4096)) == [1, 2]
     assert _splits(space, _anchor(256, 4096)) == [1]  # 2048 programs: already 15 waves
     for cfg in space.configs(_anchor(1, 256)):  # never more splits than key blocks
@@ -98,12 +98,14 @@ def test_prefill_tiles_fit_registers_and_shared_memory():
 
 
 def test_anchor_grid_tunes_in_minutes(capsys, h200_sms):
-    """The candidate counts behind the 'few minutes on an H200' estimate of the full grid."""
+    """The candidate counts behind the 'few minutes on an H200' estimate of the full grid: 1161
+    Triton decode candidates (split counts are launch arguments, not recompiles) timed with the
+    backend choice in 66 s, the whole grid (1335 candidates) in 287 s (H200, 2026-11-21)."""
     assert drv.main(["--dry-run", "--op", "paged_decode_triton"]) == 0
     out = capsys.readouterr().out
     counts = [int(line.split("tune ")[1].split()[0]) for line in out.splitlines()
               if "tune " in line]
-    assert len(counts) == 9 and sum(counts) <= 800 and max(counts) <= 130
+    assert len(counts) == 9 and sum(counts) <= 1200 and max(counts) <= 250
     assert drv.main(["--dry-run", "--op", "paged_prefill_triton"]) == 0
     out = capsys.readouterr().out
     counts = [int(line.split("tune ")[1].split()[0]) for line in out.splitlines()

@@ -94,6 +94,12 @@ def test_bad_options_and_backends(paged):
         attention.paged_decode(q, p.cache, *p.table, window_left=-3, backend="torch")
     with pytest.raises(ValueError, match="logits_soft_cap must be >= 0"):
         attention.paged_decode(q, p.cache, *p.table, logits_soft_cap=-1.0, backend="torch")
+    for name, value in (("sm_scale", -0.1), ("sm_scale", float("nan")), ("k_scale", 0.0)):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number > 0, got"):
+            attention.paged_decode(q, p.cache, *p.table, backend="torch", **{name: value})
+    with pytest.raises(ValueError, match="v_scale must be finite, got inf"):
+        attention.paged_prefill(q, p.cache, p.qo_indptr, *p.table, v_scale=float("inf"),
+                                backend="torch")
     with pytest.raises(ValueError, match="backend must be one of"):
         attention.paged_decode(q, p.cache, *p.table, backend="nope")
     with pytest.raises(ValueError, match="'cuda' has no such kernel"):
@@ -138,6 +144,9 @@ def test_append_bad_inputs(paged):
         attention.append_paged_kv(k, k[:1], p.cache, torch.tensor([0, 1]), backend="torch")
     with pytest.raises(ValueError, match="slot_mapping must have 2 entries"):
         attention.append_paged_kv(k, k, p.cache, torch.tensor([0]), backend="torch")
+    with pytest.raises(ValueError, match="v_scale must be a finite number > 0, got 0.0"):
+        attention.append_paged_kv(k, k, p.cache, torch.tensor([0, 1]), v_scale=0.0,
+                                  backend="torch")
     with pytest.raises(ValueError, match="k has 3 heads but kv_cache has 2"):
         k3 = torch.randn(2, 3, 64, dtype=DT)
         attention.append_paged_kv(k3, k3, p.cache, torch.tensor([0, 1]), backend="torch")

@@ -89,12 +89,32 @@ def test_decode_anchor_config(backend, dtype, heads, page_size):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("splits", [1, 2, 7, 64, 128])
 def test_decode_forced_splits(backend, splits):
     _available(backend)
     p = Paged([1, 130, 4097, 0, 65], 16, 8, 128, torch.bfloat16, device="cuda")
     q = p.q(32, 128, torch.bfloat16)
     got = _decode(backend, p, q, config={"num_splits": splits})
+    _close(got, ref.decode_ref(q, p.cache, *p.table), torch.bfloat16)
+
+
+def test_triton_decode_merge_pdl(monkeypatch):
+    """The merge launched early (programmatic dependent launch) waits for every split: the same
+    bits as a plain launch, eagerly and replayed from a CUDA graph."""
+    p = Paged([4097, 1, 300, 0], 16, 8, 128, torch.bfloat16, device="cuda", seed=3)
+    q = p.q(32, 128, torch.bfloat16)
+    cfg = {"num_splits": 16}
+    got = _decode("triton", p, q, config=cfg)
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention.paged_decode(q, p.cache, *p.table, out=out, backend="triton", config=cfg)
+    out.fill_(float("nan"))
+    graph.replay()
+    monkeypatch.setenv("PYKERNELS_ENABLE_PDL", "0")
+    plain = _decode("triton", p, q, config=cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(got, plain) and torch.equal(out, plain)
     _close(got, ref.decode_ref(q, p.cache, *p.table), torch.bfloat16)
 
 

@@ -112,3 +112,43 @@ def test_plan_objects_with_fixed_buffers():
         pre.plan(p.qo_indptr, *p.table)
         _close(pre.run(q, p.cache), ref.decode_ref(q, p.cache, *p.table))
     assert dec.num_splits == 2
+
+
+# ---- what the compiler makes of the prefill for Hopper (sm_90a, no GPU needed) -----------------
+
+
+def _compile_sm90(block_m: int, block_n: int, warps: int, stages: int, head_dim: int = 128,
+                  soft_cap: bool = False):
+    from tests.triton_sm90 import compile_sm90
+
+    fn = tp._prefill_kernel
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=16, CAUSAL=True,
+                 SOFT_CAP=soft_cap, WINDOW=False)
+    ptrs = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16"}
+    floats = ("qk_scale", "cap_scale", "v_scale")
+    sig = {n: ptrs.get(n) or ("*i32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
+           for n in fn.arg_names if n not in const}
+    aligned = [*ptrs, *(n for n in fn.arg_names if n.startswith("stride_"))]
+    r = compile_sm90(fn, sig, const, aligned, warps, stages)
+    return r["regs"], r["stack"], r["wgmma"], r["hazards"]
+
+
+SM90_TILES = [  # (BLOCK_M, BLOCK_N, warps, stages[, head_dim, soft_cap])
+    (128, 64, 8, 3),  # the d=128 default
+    (256, 64, 8, 4),  # tuned on the H200 (8x2048, 1x8192)
+    (128, 128, 8, 3),
+    (128, 64, 8, 3, 128, True),
+    (64, 32, 4, 2, 256),  # the d=256 default
+]
+
+
+def test_prefill_compiles_for_sm90():
+    from tests.triton_sm90 import results_in_child
+
+    results = results_in_child("tests.attention.test_triton_cpu", "_compile_sm90(*t)")
+    for tile, (regs, stack, wgmma, hazards) in zip(SM90_TILES, results):
+        # P @ V takes P from registers (a register-operand wgmma, as the FP8 GEMM's weight): no
+        # instruction may write those registers before the wgmma is retired (docs/quant.md).
+        assert wgmma and hazards == [], (tile, hazards)
+        if tile[:4] == (128, 64, 8, 3) and len(tile) == 4:  # the default must not spill
+            assert stack == 0, (tile, regs, stack)

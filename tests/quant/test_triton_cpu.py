@@ -160,7 +160,8 @@ def _compile_sm90(block: tuple, group: bool, atomic: bool = False, even_k: bool 
     aligned = ["x_ptr", "w_ptr", "s_ptr", "c_ptr", "N", "K", "stride_xm", "stride_cm"]
     r = compile_sm90(fn, sig, const, aligned, warps, stages)
     byte_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.[bsu]8\b", r["ptx"]))
-    return r["regs"], r["stack"], r["pipelined"], r["wgmma"], byte_loads, _loop_waits(r["ptx"])
+    return (r["regs"], r["stack"], r["pipelined"], r["wgmma"], byte_loads, _loop_waits(r["ptx"]),
+            r["hazards"])
 
 
 def _loop_waits(ptx: str) -> list[int]:
@@ -190,12 +191,13 @@ def test_kernel_compiles_for_sm90():
     from tests.triton_sm90 import results_in_child
 
     results = results_in_child("tests.quant.test_triton_cpu", "_compile_sm90(*t)")
-    for (block, *_), (regs, stack, pipelined, wgmma, byte_loads, waits) in zip(SM90_TILES,
-                                                                                 results):
+    for (block, *_), (regs, stack, pipelined, wgmma, byte_loads, waits, hazards) in zip(
+            SM90_TILES, results):
         # The converted weight is the wgmma's register operand: the last wgmma of a K step must
         # be waited for inside the step (PIN_ACC), before the next step's loads can land in
         # those registers (triton 3.6 left it pending: wrong sums on an H200).
         assert waits and waits[-1] == 0, (block, waits)
+        assert hazards == [], (block, hazards)  # the same, read from the SASS
         # 56-163 registers (triton 3.6 and 3.9), every tile on wgmma with the converted weight
         # (registers) as operand A. Byte-wise weight loads (no 16-byte alignment proven for the
         # panel offset) cost 255 registers and the cp.async pipeline under triton 3.6.
