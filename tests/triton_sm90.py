@@ -63,8 +63,8 @@ def wgmma_register_hazards(sass: str) -> list[str]:
             dep = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)", t)
             if dep and closed and after >= int(dep.group(1), 16):
                 break
-            dst = re.match(r"(?:@!?U?P\w+\s+)?[\w.]+\s+(R\d+)\b", t)
-            if "HGMMA" not in t and dst and dst.group(1) in regs:
+            dst = re.match(r"(?:@!?U?P\w+\s+)?([\w.]+)\s+R(\d+)\b", t)
+            if "HGMMA" not in t and dst and regs & _written(*dst.groups()):
                 found.append(f"{addr:#x} {text} <- {b:#x} {t}")
                 break
             br = re.match(r"(?:@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)", t)
@@ -73,6 +73,13 @@ def wgmma_register_hazards(sass: str) -> list[str]:
                 continue
             j += 1
     return found
+
+
+def _written(opcode: str, first: str) -> set[str]:
+    """The registers an instruction's destination R<first> covers (LDS.64 and IMAD.WIDE write a
+    pair, LDS.128 four)."""
+    width = 4 if ".128" in opcode else 2 if (".64" in opcode or ".WIDE" in opcode) else 1
+    return {f"R{int(first) + r}" for r in range(width)}
 
 
 def results_in_child(module: str, call: str) -> list:
