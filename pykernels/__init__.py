@@ -6,7 +6,7 @@ pulls in no kernel module and no import cycle can form.
 
 from __future__ import annotations
 
-import importlib
+from pykernels import _lazy
 
 __version__ = "0.1.0"
 
@@ -19,14 +19,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pykernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy.exports(__name__, _LAZY, globals())

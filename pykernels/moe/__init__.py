@@ -14,8 +14,7 @@ bound lazily, a prior ``import pykernels.moe.fused_moe`` would leave the module 
 
 from __future__ import annotations
 
-import importlib
-
+from pykernels import _lazy
 from pykernels.moe.fused_moe import fused_moe
 
 _LAZY = {
@@ -28,14 +27,4 @@ _LAZY = {
 __all__ = ["fused_moe", *_LAZY]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pykernels.moe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy.exports(__name__, _LAZY, globals())

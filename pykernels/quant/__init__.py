@@ -13,7 +13,7 @@ this package loads neither Triton nor the CUDA op library.
 
 from __future__ import annotations
 
-import importlib
+from pykernels import _lazy
 
 _LAZY = {
     "Fp8Weight": "pykernels.quant.pack",
@@ -26,14 +26,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pykernels.quant' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy.exports(__name__, _LAZY, globals())
