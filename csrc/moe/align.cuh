@@ -7,11 +7,13 @@
 // bounds. Within an expert's group the slot order is unspecified (atomics decide it).
 //
 // Two paths:
-//  - small (numel <= kSmallMaxSlots): one CTA holds every id in registers (<= 8 per thread),
-//    counts them in shared memory, scans, scatters, writes expert ids and padding in one launch.
-//    Extra CTAs fill the part of the buffer that lies past any possible padded total.
-//  - large: count (G CTAs: per-CTA histograms + sentinel fill) -> scan (1 CTA) -> scatter
-//    (G CTAs: one global atomic per (CTA, expert) claims a range, shared atomics rank inside it).
+//  - small (numel <= kSmallMaxSlots): one CTA holds every id in registers (<= 2 per thread up to
+//    2048 slots), counts them in shared memory, scans, scatters, writes expert ids and padding in
+//    one launch. Extra CTAs fill the part of the buffer that lies past any possible padded total.
+//  - large, two launches (each costs ~2-3 us of fixed latency on the H200, so no separate scan
+//    launch): count (G CTAs: per-CTA histograms + sentinel fill) -> scatter (G CTAs: each reads
+//    all G x E histograms from L2 and scans them itself, so its range per expert is the group's
+//    padded start plus what earlier CTAs counted: no global atomics; shared atomics rank inside).
 #pragma once
 
 #include <cstdint>
@@ -24,10 +26,12 @@ constexpr int kSmallItems = 8;           // ids per thread held in registers on 
 constexpr int kSmallThreads = 1024;
 // One CTA holds up to kSmallThreads * kSmallItems = 8192 ids, but on the H200 (2026-11-21) it took
 // 20 us for 1024 x top-8 over 128 experts (6 us at 64 x 8): past 2048 slots the multi-CTA path
-// (three launches) is used.
+// is used. Since then the small path's threads grow with numel and the large path lost its scan
+// launch: the crossover is to be re-measured.
 constexpr int kSmallMaxSlots = 2048;
 static_assert(kSmallMaxSlots <= kSmallThreads * kSmallItems, "the small path holds every id");
 constexpr int kUnroll = 4;               // loads in flight per thread on the large path
+constexpr int kCountLoads = 8;           // loads of counts in flight per thread (scatter pass)
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // The expert of slot i, or -1 when the id is outside [0, E) (dropped).
@@ -93,7 +97,9 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* s_warp, int* tot
 }
 
 // s_off[e] = padded start of expert e's group, s_off[E] = padded total, from s_count[0..E).
-// Thread t owns the ceil(E / blockDim) consecutive experts starting at t * per (<= 4 at E = 4096).
+// Thread t owns the ceil(E / blockDim) consecutive experts starting at t * per (<= 16 at E = 4096
+// and 256 threads). s_off may be s_count (scan in place): a thread reads only its own experts'
+// counts, each before overwriting it.
 __device__ __forceinline__ void scan_experts(const int* s_count, int* s_off, int num_experts,
                                              int block_size, int* s_warp) {
   const int per = (num_experts + blockDim.x - 1) / blockDim.x;
@@ -104,8 +110,9 @@ __device__ __forceinline__ void scan_experts(const int* s_count, int* s_off, int
   int total;
   int run = block_exclusive_scan(sum, s_warp, &total);
   for (int e = first; e < last; ++e) {
+    const int size = padded(s_count[e], block_size);
     s_off[e] = run;
-    run += padded(s_count[e], block_size);
+    run += size;
   }
   if (threadIdx.x == 0) s_off[num_experts] = total;
   __syncthreads();
@@ -122,13 +129,17 @@ __device__ __forceinline__ int find_expert(const int* s_off, int num_experts, in
   return lo;
 }
 
-// expert_ids[b] for every block: the (mapped) expert owning it, -1 past the padded total.
+// expert_ids[b]: the (mapped) expert owning block b, -1 past the padded total; the blocks split
+// over `parts` CTAs (this one is `part`), each of which holds the whole s_off.
 __device__ __forceinline__ void write_expert_ids(const int* s_off, int num_experts,
                                                  int block_size, const int32_t* expert_map,
-                                                 int32_t* expert_ids, int num_blocks) {
+                                                 int32_t* expert_ids, int num_blocks, int part,
+                                                 int parts) {
   const int total = s_off[num_experts];
-  for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
-    const int p = b * block_size;  // < cap + block_size < 2^31, checked by the launcher
+  // Unsigned: a grid-wide step can exceed the 65536 of int32 room the launcher leaves past cap.
+  for (unsigned b = part * blockDim.x + threadIdx.x; b < (unsigned)num_blocks;
+       b += parts * blockDim.x) {
+    const int p = (int)b * block_size;  // < cap + block_size < 2^31, checked by the launcher
     int id = -1;
     if (p < total) {
       const int e = find_expert(s_off, num_experts, p);
@@ -141,7 +152,9 @@ __device__ __forceinline__ void write_expert_ids(const int* s_off, int num_exper
 // value into dst[begin, end), the range split over `parts` CTAs (this one is `part`).
 __device__ __forceinline__ void fill(int32_t* dst, int begin, int end, int32_t value, int part,
                                      int parts) {
-  for (int p = begin + part * blockDim.x + threadIdx.x; p < end; p += parts * blockDim.x) {
+  // Unsigned: a grid-wide step can exceed the 65536 of int32 room the launcher leaves past cap.
+  for (unsigned p = begin + part * blockDim.x + threadIdx.x; p < (unsigned)end;
+       p += parts * blockDim.x) {
     dst[p] = value;
   }
 }
@@ -190,7 +203,7 @@ __global__ void __launch_bounds__(kSmallThreads) align_small_kernel(
       sorted[s_off[expert[k]] + rank[k]] = threadIdx.x + k * blockDim.x;
     }
   }
-  write_expert_ids(s_off, num_experts, block_size, expert_map, expert_ids, num_blocks);
+  write_expert_ids(s_off, num_experts, block_size, expert_map, expert_ids, num_blocks, 0, 1);
   // Padding of each expert's last block: one warp per expert, <= block_size - 1 slots each.
   const int lane = threadIdx.x & 31;
   for (int e = threadIdx.x >> 5; e < num_experts; e += blockDim.x >> 5) {
@@ -201,7 +214,7 @@ __global__ void __launch_bounds__(kSmallThreads) align_small_kernel(
   if (threadIdx.x == 0) *total_out = total;
 }
 
-// ---- large path: count -> scan -> scatter -------------------------------------------------------
+// ---- large path: count -> scatter --------------------------------------------------------------
 
 // The experts of slots base + u * blockDim.x + threadIdx.x (u < kUnroll; -1 past end), all
 // loads issued before any is used.
@@ -240,64 +253,75 @@ __global__ void align_count_kernel(const IdT* __restrict__ ids, int numel, int n
   fill(sorted, 0, cap, numel, blockIdx.x, gridDim.x);
 }
 
-// One CTA: sums the per-CTA counts, scans the padded sizes, sets cursor[e] to each group's start
-// (the scatter pass claims ranges from it), writes expert ids and the padded total.
-// Shared memory: s_count[E], s_off[E + 1].
-__global__ void __launch_bounds__(1024) align_scan_kernel(
-    const int* __restrict__ counts, int num_ctas, int num_experts, int block_size,
-    const int32_t* __restrict__ expert_map, int* __restrict__ cursor,
-    int32_t* __restrict__ expert_ids, int num_blocks, int32_t* __restrict__ total_out) {
+// Every CTA reads all G x E counts (<= 32768 ints, 128 KB, written by the count pass and in L2)
+// and derives for each expert e: the total (-> padded start of e's group, scanned in place) and
+// what CTAs before this one counted; their sum is this CTA's base for e, so the ranges are fixed
+// without a scan launch or global atomics. It then writes its chunk's slots at shared-memory ranks
+// from those bases (the count pass already wrote the sentinel everywhere else, one launch
+// earlier on the stream), its share of expert_ids, and CTA 0 the padded total.
+// Shared memory (dynamic): s_off[E + 1] (totals, then starts), s_base[E].
+template <typename IdT>
+__global__ void __launch_bounds__(1024) align_scatter_kernel(
+    const IdT* __restrict__ ids, int numel, int num_experts, int block_size, int chunk,
+    const int* __restrict__ counts, const int32_t* __restrict__ expert_map,
+    int32_t* __restrict__ sorted, int32_t* __restrict__ expert_ids, int num_blocks,
+    int32_t* __restrict__ total_out) {
   extern __shared__ int smem[];
   __shared__ int s_warp[32];
-  int* s_count = smem;
-  int* s_off = smem + num_experts;
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) s_count[e] = 0;
-  __syncthreads();
-  // num_ctas * E <= 32768 (launcher): <= 32 loads per thread, 8 in flight.
-  const int n = num_ctas * num_experts;
-  for (int base = threadIdx.x; base < n; base += 8 * blockDim.x) {
-    int v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int idx = base + u * blockDim.x;
-      v[u] = idx < n ? counts[idx] : 0;
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      if (v[u] != 0) atomicAdd(&s_count[(base + u * blockDim.x) % num_experts], v[u]);
-    }
-  }
-  __syncthreads();
-  scan_experts(s_count, s_off, num_experts, block_size, s_warp);
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) cursor[e] = s_off[e];
-  write_expert_ids(s_off, num_experts, block_size, expert_map, expert_ids, num_blocks);
-  if (threadIdx.x == 0) *total_out = s_off[num_experts];
-}
-
-// CTA c claims, per expert present in its chunk, a range of that size from cursor (one global
-// atomic per expert, <= 32768 in all), then writes each slot at its shared-memory rank in it.
-// Shared memory: s_base[E].
-template <typename IdT>
-__global__ void align_scatter_kernel(const IdT* __restrict__ ids, int numel, int num_experts,
-                                     int chunk, const int* __restrict__ counts,
-                                     int* __restrict__ cursor, int32_t* __restrict__ sorted) {
-  extern __shared__ int s_base[];
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-    const int c = counts[blockIdx.x * num_experts + e];
-    s_base[e] = c > 0 ? atomicAdd(&cursor[e], c) : 0;
-  }
-  __syncthreads();
+  int* s_off = smem;
+  int* s_base = smem + num_experts + 1;
   const int begin = blockIdx.x * chunk;
   const int end = min(numel, begin + chunk);
-  for (int base = begin; base < end; base += kUnroll * blockDim.x) {  // uniform trip count
-    int e[kUnroll];
-    load_experts(ids, base, end, num_experts, e);
+  int e[kUnroll];
+  load_experts(ids, begin, end, num_experts, e);  // first ids in flight during the counts pass
+  for (int x = threadIdx.x; x < num_experts; x += blockDim.x) {
+    s_off[x] = 0;
+    s_base[x] = 0;
+  }
+  __syncthreads();
+  // Flat over counts[c * E + x]: idx steps by blockDim.x, so x = idx % E steps by blockDim.x % E
+  // (no division per load); idx < blockIdx.x * E are the CTAs before this one. <= 64 loads per
+  // thread at 512 threads, kCountLoads in flight.
+  const int n = gridDim.x * num_experts;  // <= kMaxCountsRead (launcher)
+  const int mine = blockIdx.x * num_experts;
+  const int step = blockDim.x % num_experts;
+  int x_next = threadIdx.x % num_experts;
+  for (int base = threadIdx.x; base < n; base += kCountLoads * blockDim.x) {
+    int v[kCountLoads], x[kCountLoads];
+#pragma unroll
+    for (int u = 0; u < kCountLoads; ++u) {
+      const int idx = base + u * blockDim.x;
+      v[u] = idx < n ? counts[idx] : 0;
+      x[u] = x_next;
+      x_next += step;
+      if (x_next >= num_experts) x_next -= num_experts;
+    }
+#pragma unroll
+    for (int u = 0; u < kCountLoads; ++u) {
+      if (v[u] != 0) {
+        atomicAdd(&s_off[x[u]], v[u]);
+        if (base + u * (int)blockDim.x < mine) atomicAdd(&s_base[x[u]], v[u]);
+      }
+    }
+  }
+  __syncthreads();
+  scan_experts(s_off, s_off, num_experts, block_size, s_warp);  // ends with a barrier
+  for (int x = threadIdx.x; x < num_experts; x += blockDim.x) s_base[x] += s_off[x];
+  __syncthreads();
+
+  for (int base = begin;;) {  // uniform trip count; e: slots base + u * blockDim.x + thread
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int pos = warp_add_rank(s_base, e[u]);
       if (e[u] >= 0) sorted[pos] = base + u * blockDim.x + threadIdx.x;
     }
+    base += kUnroll * blockDim.x;
+    if (base >= end) break;
+    load_experts(ids, base, end, num_experts, e);
   }
+  write_expert_ids(s_off, num_experts, block_size, expert_map, expert_ids, num_blocks,
+                   blockIdx.x, gridDim.x);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *total_out = s_off[num_experts];
 }
 
 }  // namespace moe_align

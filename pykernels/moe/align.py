@@ -15,7 +15,7 @@ MAX_EXPERTS = 4096
 _INT32_MAX = 2**31 - 1
 _ID_DTYPES = (torch.int32, torch.int64)
 
-# auto: CUDA (one launch up to 8192 slots, three beyond), then Triton (three launches);
+# auto: CUDA (one launch up to 2048 slots, two beyond), then Triton (three launches);
 # VLLM_ENABLE_MOE_ALIGN_BLOCK_SIZE_TRITON=1 makes auto pick Triton.
 _FAMILY = Family(
     name="moe_align_block_size",

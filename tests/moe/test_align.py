@@ -218,7 +218,7 @@ def test_cuda_backend_on_cpu_tensor():
 
 E_LEVELS = [1, 8, 60, 64, 128, 256, 512, 1024]
 # 256 x 8 = 2048 slots: the CUDA one-CTA path's limit (csrc/moe/align.cuh kSmallMaxSlots); larger
-# counts take the three-pass path; 333 is odd.
+# counts take the two-launch multi-CTA path; 333 is odd.
 M_LEVELS = [1, 7, 64, 333, 1024, 4096, 16384]
 TOPKS = [1, 2, 6, 8]
 BLOCKS = [16, 32, 64, 128]
