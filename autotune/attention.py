@@ -22,7 +22,7 @@ defaults to the grid's values). Prefill: causal, bench.shapes.PREFILL_GRID plus 
 (cached prefixes), or --prefill BATCHxQ_LEN[xKV_LEN] (repeatable). A request layout's keys are its
 bucket (decode batch or prefill token count) and its kv length rounded up to a power of two, as
 the plans look configs up; layouts that share a bucket are timed together (their times add up),
-e.g. 8x2048 and 32x512 in the Triton prefill's 16384-token bucket.
+e.g. 8x2048 and 16x1024x2048 (16384 tokens over ~2048 keys each).
 
 Every candidate is checked against pykernels.attention.ref, then timed through PagedDecode /
 PagedPrefill (decode with fixed buffers, CUDA-graph replay as bench.attention does). Backends
@@ -164,7 +164,8 @@ def spaces(kind: str = "full") -> dict[str, Space]:
                     valid=lambda c, s: c["num_splits"] <= -(-s["kv_len"] // c["BLOCK_N"])),
                 "paged_decode_cuda": Space({"num_splits": (1, 2)}),
                 "paged_prefill_triton": Space({"BLOCK_M": (16, 32), "BLOCK_N": (16,),
-                                               "num_warps": (4,), "num_stages": (1,)}),
+                                               "num_warps": (4,), "num_stages": (1,),
+                                               "HEADS_INNER": (False, True)}),
                 **backends}
     quick = kind == "quick"
     return {
@@ -178,7 +179,8 @@ def spaces(kind: str = "full") -> dict[str, Space]:
             {"BLOCK_M": (64, 128) if quick else (64, 128, 256),
              "BLOCK_N": (64,) if quick else (32, 64, 128),
              "num_warps": (4,) if quick else (4, 8),
-             "num_stages": (2,) if quick else (1, 2, 3, 4)}, valid=prefill_triton_valid),
+             "num_stages": (2,) if quick else (1, 2, 3, 4),
+             "HEADS_INNER": (False,) if quick else (False, True)}, valid=prefill_triton_valid),
         **backends,
     }
 
@@ -449,7 +451,7 @@ def _raw_shape(name: str, base: dict, lay: Layout) -> dict:
     if name in DECODE_OPS:
         return {**base, "kv_len": kv, "batch": lay.batch}
     tokens = {"tokens": lay.batch * lay.q_len}
-    return {**base, **tokens} if name == "paged_prefill_triton" else \
+    return {**base, "kv_len": kv, **tokens} if name == "paged_prefill_triton" else \
         {**base, "causal": True, "kv_len": kv, **tokens}
 
 

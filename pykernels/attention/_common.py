@@ -8,7 +8,8 @@ provides the functions below; ``fi`` and ``fa``, which plan in their own way, ma
 - ``decode_plan(spec, batch, total_pages, config) -> dict``: the resolved launch config, with
   ``num_splits`` (the workspace is sized from it; 1 needs none).
 - ``decode(out, q, kv_cache, table, params, work, config)``
-- ``prefill_plan(spec, qo_indptr, total_q, config) -> (config, work)``
+- ``prefill_plan(spec, qo_indptr, total_q, config, max_batch=None, kv_len=1) -> (config, work)``
+  (``kv_len``: the pow2 mean kv length of the config key, ``tunables.spec_key``)
 - ``prefill(out, q, kv_cache, qo_indptr, table, params, causal, work, config)``
 - ``append(k, v, kv_cache, slot_mapping, k_scale, v_scale)``
 """

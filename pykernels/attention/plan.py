@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from pykernels.attention import _common
+from pykernels.attention import _common, tunables
 
 INT32_MAX = 2**31 - 1
 
@@ -137,14 +137,18 @@ class GenericPrefillRunner:
                                  f"{self.max_tokens} of this plan")
             self._qo[:batch + 1].copy_(qo_indptr, non_blocking=True)
             self.qo_indptr = self._qo[:batch + 1]
-            # The tile map is sized for the largest step so the captured grid covers any plan.
+            # The tile map is sized for the largest step so the captured grid covers any plan,
+            # and the config (its tile) keyed by the buffers' capacity: the captured kernel's.
+            kv_len = _kv_key(self.spec, self.decode.max_pages, self.decode.max_batch)
             self.cfg, work = self.mod.prefill_plan(self.spec, self.qo_indptr, self.max_tokens,
-                                                   self.config, max_batch=self.decode.max_batch)
+                                                   self.config, max_batch=self.decode.max_batch,
+                                                   kv_len=kv_len)
             self.work = self._fixed_work(work)
         else:
             self.qo_indptr = _to_device(qo_indptr, self.spec.device)
+            kv_len = _kv_key(self.spec, _total_pages(kv_indptr, kv_indices), batch)
             self.cfg, self.work = self.mod.prefill_plan(self.spec, self.qo_indptr, num_tokens,
-                                                        self.config)
+                                                        self.config, kv_len=kv_len)
 
     def _fixed_work(self, work):
         if work is None:
@@ -221,6 +225,11 @@ def _prefill_tokens(qo_indptr: torch.Tensor, batch: int, num_tokens: int | None)
     read when qo_indptr lives on the GPU: pass num_tokens there)."""
     _common.index_tensor("qo_indptr", qo_indptr, batch + 1)
     return int(qo_indptr[-1] - qo_indptr[0]) if num_tokens is None else num_tokens
+
+
+def _kv_key(spec: _common.Spec, total_pages: int, batch: int) -> int:
+    """The pow2 mean kv length of a prefill config key (as the backend choice keys it)."""
+    return tunables.spec_key(spec, total_pages, batch)["kv_len"]
 
 
 def _total_pages(kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> int:

@@ -129,7 +129,8 @@ def decode(out, q, kv_cache, table, params, work, config) -> None:
     out.copy_(o)
 
 
-def prefill_plan(spec, qo_indptr, total_q: int, config: dict | None, max_batch=None):
+def prefill_plan(spec, qo_indptr, total_q: int, config: dict | None, max_batch=None,
+                 kv_len: int = 1):
     return {}, None
 
 

@@ -110,16 +110,24 @@ def test_anchor_grid_tunes_in_minutes(capsys, h200_sms):
     out = capsys.readouterr().out
     counts = [int(line.split("tune ")[1].split()[0]) for line in out.splitlines()
               if "tune " in line]
-    assert len(counts) == 4 and max(counts) <= 40
+    # 3 causal rows + 3 cached-prefix rows, each its own (tokens, kv length) bucket; 36 tiles x
+    # 2 program orders each (173 s for all 6 with the backend choice, one order; H200)
+    assert len(counts) == 6 and max(counts) <= 80
 
 
 def test_layouts_sharing_a_bucket_are_timed_together():
-    assert drv.main(["--dry-run", "--mode", "prefill"]) == 0
-    key = tp.PREFILL.key_of(tp.PREFILL.shape_of(**{**_anchor(1, 0), "tokens": 16384}))
+    # 8x2048 and 16x1024 over 2048 keys: 16384 tokens, kv bucket 2048 -> one config, timed
+    # together; 32x512 holds as many tokens but its own kv bucket
+    assert drv.main(["--dry-run", "--mode", "prefill", "--prefill", "8x2048",
+                     "--prefill", "16x1024x2048", "--prefill", "32x512"]) == 0
+    shape = {**_anchor(1, 0), "tokens": 16384}
+    key = tp.PREFILL.key_of(tp.PREFILL.shape_of(**{**shape, "kv_len": 2048}))
     assert sorted(map(str, drv._LAYOUTS[("paged_prefill_triton", key)])) == \
-        ["32x512x512", "8x2048x2048"]
-    # the backend choice keys the kv length too: 8x2048 and 32x512 are separate buckets
-    assert sum(n == "paged_prefill_backend" for n, _ in drv._LAYOUTS) == 6
+        ["16x1024x2048", "8x2048x2048"]
+    key = tp.PREFILL.key_of(tp.PREFILL.shape_of(**{**shape, "kv_len": 512}))
+    assert list(map(str, drv._LAYOUTS[("paged_prefill_triton", key)])) == ["32x512x512"]
+    assert sum(n == "paged_prefill_triton" for n, _ in drv._LAYOUTS) == 2
+    assert sum(n == "paged_prefill_backend" for n, _ in drv._LAYOUTS) == 2
 
 
 def test_reference_check_scales_with_the_output():
@@ -175,12 +183,11 @@ def test_tiny_cpu_tune_writes_every_attention_cache(cache_dir, tmp_path):
     assert drv.main([*TINY, "--report", str(report)]) == 0
     body = json.loads(report.read_text())
     status = {rep["name"]: [r["status"] for r in rep["results"]] for rep in body["reports"]}
-    # 2x8x40 and 4x4x20 share the 16-token Triton prefill bucket (checked and timed together)
-    # but not the backend choice's (kv 64 and 32)
+    # 2x8x40 and 4x4x20 hold 16 query tokens each but kv 64 and 32: two buckets per prefill op
     assert status == {"paged_decode_triton": ["tuned"], "paged_decode_backend": ["tuned"],
-                      "paged_prefill_triton": ["tuned"],
+                      "paged_prefill_triton": ["tuned", "tuned"],
                       "paged_prefill_backend": ["tuned", "tuned"]}
-    assert [len(v) for k, v in drv._LAYOUTS.items() if k[0] == "paged_prefill_triton"] == [2]
+    assert [len(v) for k, v in drv._LAYOUTS.items() if k[0] == "paged_prefill_triton"] == [1, 1]
     for name in status:
         entries = json.loads((cache_dir / f"{name}.json").read_text())["entries"]
         assert len(entries) == len(status[name])
@@ -194,6 +201,7 @@ def test_tiny_cpu_tune_writes_every_attention_cache(cache_dir, tmp_path):
     assert tunables.DECODE_BACKEND.resolve(batch=2, **key)[1].startswith("in-process")
     assert tunables.PREFILL_BACKEND.resolve(tokens=16, causal=True, **key)[1] \
         .startswith("in-process")
+    assert tp.PREFILL.resolve(tokens=16, **key)[1].startswith("in-process")
     autotune.reset()  # a new process: the cache file answers
     assert td.DECODE.resolve(batch=2, **key)[1].startswith("cache")
     assert drv.main([*TINY, "--report", str(report)]) == 0  # warm rerun: nothing re-tuned
@@ -262,6 +270,36 @@ def test_auto_prefill_follows_the_tuned_choice():
     noncausal = PagedPrefill(HQ, HKV, D, PAGE, dtype=DT, device="cpu", causal=False)
     noncausal.plan(p.qo_indptr, *p.table)
     assert noncausal._runner.backend == "torch"  # causal is part of the key: not tuned
+
+
+def _prefill_tile(kv_len, block_m, tokens=16):
+    """Install a Triton prefill tile for the tiny shape's (tokens, kv_len) bucket."""
+    shape = tp.PREFILL.shape_of(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE,
+                                dtype=DT, kv_dtype=DT, kv_len=kv_len, tokens=tokens)
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    tp.PREFILL.install({tp.PREFILL.key_of(shape): {"shape": shape, "config": cfg}})
+
+
+@cpu_only
+def test_triton_prefill_tile_follows_the_kv_bucket():
+    """Same token count, different mean kv length: each plan takes its own bucket's tile; with
+    fixed buffers the tile of the buffers' capacity (the captured kernel's) whatever the plan."""
+    _prefill_tile(64, 32)
+    _prefill_tile(32, 16)
+    long_, short = (Paged(lens, PAGE, HKV, D, DT, q_lens=[8, 8]) for lens in ([40, 20], [20, 9]))
+    pre = PagedPrefill(HQ, HKV, D, PAGE, dtype=DT, device="cpu", backend="triton")
+    for p, block_m in ((long_, 32), (short, 16)):  # kv (3+2)*16/2 -> 64; (2+1)*16/2 -> 32
+        q = p.q(HQ, D, DT)
+        pre.plan(p.qo_indptr, *p.table)
+        assert pre._runner.cfg["BLOCK_M"] == block_m
+        _close(pre.run(q, p.cache), ref.prefill_ref(q, p.cache, p.qo_indptr, *p.table))
+    fixed = PagedPrefill(HQ, HKV, D, PAGE, dtype=DT, device="cpu", backend="triton",
+                         max_batch=2, max_pages=8, max_tokens=16)  # capacity 8*16/2 -> 64
+    for p in (long_, short):
+        q = p.q(HQ, D, DT)
+        fixed.plan(p.qo_indptr, *p.table)
+        assert fixed._runner.cfg["BLOCK_M"] == 32
+        _close(fixed.run(q, p.cache), ref.prefill_ref(q, p.cache, p.qo_indptr, *p.table))
 
 
 @pytest.mark.parametrize("tuned", ["cuda", "fi", "fa", "nope"])

@@ -59,13 +59,14 @@ def test_decode_options(kw):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_prefill_with_prefix(causal, heads, block_m):
+@pytest.mark.parametrize("block_m,heads_inner", [(16, False), (32, False), (16, True)])
+def test_prefill_with_prefix(causal, heads, block_m, heads_inner):
     hq, hkv = heads
     p = Paged([9, 5, 0, 21, 3], 4, hkv, D, DT, q_lens=[3, 5, 0, 17, 0])
     q = p.q(hq, D, DT)
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": 16, "HEADS_INNER": heads_inner}
     got = attention.paged_prefill(q, p.cache, p.qo_indptr, *p.table, causal=causal,
-                                  backend="triton", config={"BLOCK_M": block_m, "BLOCK_N": 16})
+                                  backend="triton", config=cfg)
     _close(got, ref.prefill_ref(q, p.cache, p.qo_indptr, *p.table, causal=causal))
 
 
