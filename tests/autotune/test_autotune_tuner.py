@@ -41,6 +41,63 @@ def test_default_always_competes(fake_tunable):
     assert r.entry["default_us"] == 1.0
 
 
+class FlukyBench(FakeBench):
+    """True times 10 + BLOCK / 64 (the default, 64, fastest), but the first timing of each
+    config in `fluke` reads `low`: one-off noise a single pass would crown."""
+
+    def __init__(self, fluke=(), low=5.0, **kw):
+        super().__init__(**kw)
+        self.fluke, self.low, self.seen = set(fluke), low, set()
+
+    def timer(self, fn, n_inputs):
+        us = super().timer(fn, n_inputs)
+        block = self.last["BLOCK"]
+        if block in self.fluke and block not in self.seen:
+            self.seen.add(block)
+            return self.low
+        return us
+
+
+def test_near_best_candidates_are_confirmed_interleaved(fake_tunable):
+    space = autotune.Space({"BLOCK": [16, 32, 64, 128, 256], "num_warps": [4]})
+    bench = FlukyBench(fluke=[256], low=10.7)  # 256 is really 14.0; its first reading 10.7
+    e = tune(fake_tunable, space, shapes(8), bench.make_case, timer=bench.timer).results[0].entry
+    # first pass: 16 (10.25), 32 (10.5), 256 (10.7) within 5% of the best; re-timed, 256 is
+    # the median of 10.7, 14, 14, 14 = 14
+    assert e["config"]["BLOCK"] == 16 and e["confirmed"] == 3
+    times = {c["BLOCK"]: us for c, us in e["timings"]}
+    assert times[256] == 14.0 and times[16] == 10.25
+    # every finalist timed 1 + CONFIRM_ROUNDS times, the rest once; rounds rotate the order
+    counts = {b: sum(c["BLOCK"] == b for c in bench.timed) for b in (16, 32, 64, 128, 256)}
+    assert counts == {16: 4, 32: 4, 64: 1, 128: 1, 256: 4}
+    rounds = [c["BLOCK"] for c in bench.timed[5:]]  # after the default and 4 others
+    assert rounds == [16, 32, 256, 32, 256, 16, 256, 16, 32]
+
+    # a fluke far ahead of the rest (5.0 against 10.25) would win a single pass: the fastest two
+    # are always confirmed, so it is timed again and loses
+    bench = FlukyBench(fluke=[256], low=5.0)
+    e = tune(fake_tunable, space, shapes(16), bench.make_case, timer=bench.timer).results[0].entry
+    assert e["config"]["BLOCK"] == 16 and e["confirmed"] == 2
+
+
+def test_a_candidate_failing_its_confirmation_is_discarded(fake_tunable):
+    space = autotune.Space({"BLOCK": [16, 32], "num_warps": [4]})
+    bench = FakeBench(times=lambda c: 10.0)
+    calls = []
+    real = bench.timer
+
+    def timer(fn, n):
+        calls.append(1)
+        us = real(fn, n)
+        if len(calls) > 3 and bench.last["BLOCK"] == 16:  # past the first pass (3 configs)
+            raise RuntimeError("graph capture failed")
+        return us
+
+    e = tune(fake_tunable, space, shapes(8), bench.make_case, timer=timer).results[0].entry
+    assert e["config"]["BLOCK"] != 16 and e["measured"] == 2
+    assert e["discarded"][0]["reason"].startswith("confirmation failed: RuntimeError")
+
+
 def test_default_failing_is_reported_and_others_win(fake_tunable, fake_space, caplog):
     bench = FakeBench(wrong=[64])
     r = tune(fake_tunable, fake_space, shapes(8), bench.make_case, timer=bench.timer).results[0]
