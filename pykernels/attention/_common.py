@@ -127,6 +127,53 @@ class DecodeWork:
         return cls(num_splits, torch.empty(n * spec.head_dim, **f32), torch.empty(n, **f32), ctr)
 
 
+# ---- launch configs given by the caller --------------------------------------------------------
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What each key of a Triton/CUDA launch config may hold: (test, description for the error).
+POW2 = (lambda v: _int(v) and v >= 16 and not v & (v - 1), "a power of two >= 16")
+WARPS = (lambda v: _int(v) and v in (1, 2, 4, 8, 16), "one of 1, 2, 4, 8, 16")
+STAGES = (lambda v: _int(v) and v >= 1, "an int >= 1")
+FLAG = (lambda v: isinstance(v, bool), "a bool")
+
+
+def splits_key(most: int) -> tuple:
+    return (lambda v: _int(v) and 0 <= v <= most, f"an int in [0, {most}] (0: the heuristic)")
+
+
+# The launch-config keys of each kernel backend's plans (kept here, outside the kernel files whose
+# hash stamps their tuned configs): (op, backend module) -> key -> (test, description).
+CONFIG_KEYS = {
+    ("decode", "triton"): {"num_splits": splits_key(MAX_SPLITS), "BLOCK_N": POW2,
+                           "BLOCK_H": POW2, "num_warps": WARPS, "num_stages": STAGES},
+    # the CUDA plan clamps num_splits to its merge's limit, 64 (cuda.MAX_SPLITS)
+    ("decode", "cuda"): {"num_splits": splits_key(MAX_SPLITS),
+                         "num_stages": (lambda v: _int(v) and v in (0, 2, 3),
+                                        "0 (the default for the head_dim), 2 or 3")},
+    ("prefill", "triton"): {"BLOCK_M": POW2, "BLOCK_N": POW2, "num_warps": WARPS,
+                            "num_stages": STAGES, "HEADS_INNER": FLAG},
+}
+
+
+def check_config(config, known: dict[str, tuple]) -> None:
+    """A caller's launch config: a dict of `known` keys, each value passing its test; else a
+    TypeError/ValueError naming the key (a bad tile would otherwise surface as a compiler error
+    or be ignored)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"config has unknown keys {unknown}; this backend takes {sorted(known)}")
+    for key, value in config.items():
+        test, what = known[key]
+        if not test(value):
+            raise ValueError(f"config[{key!r}] must be {what}, got {value!r}")
+
+
 # ---- heuristics -------------------------------------------------------------------------------
 
 

@@ -24,6 +24,14 @@ from pykernels.attention import _common, tunables
 INT32_MAX = 2**31 - 1
 
 
+def _check_config(op: str, mod, config) -> None:
+    """A caller's config for a kernel backend (triton, cuda) must hold only keys it knows, with
+    valid values (_common.CONFIG_KEYS); the torch reference takes any (it has no launch)."""
+    known = _common.CONFIG_KEYS.get((op, getattr(mod, "__name__", "").rsplit(".", 1)[-1]))
+    if config is not None and known is not None:
+        _common.check_config(config, known)
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int32, non_blocking=True)
 
@@ -38,6 +46,7 @@ class GenericDecodeRunner:
     def __init__(self, mod, spec: _common.Spec, attn: _common.Params, *,
                  max_batch: int | None = None, max_pages: int | None = None,
                  config: dict | None = None, split_kv: bool = True):
+        _check_config("decode", mod, config)
         self.mod, self.spec, self.attn, self.config = mod, spec, attn, config
         self.fixed = max_batch is not None
         self.cfg: dict = {}
@@ -112,6 +121,7 @@ class GenericPrefillRunner:
     def __init__(self, mod, spec: _common.Spec, attn: _common.Params, *, causal: bool = True,
                  max_batch: int | None = None, max_pages: int | None = None,
                  max_tokens: int | None = None, config: dict | None = None):
+        _check_config("prefill", mod, config)
         self.mod, self.spec, self.attn, self.causal = mod, spec, attn, causal
         self.config = config
         self.decode = GenericDecodeRunner(_NoPlan, spec, attn, max_batch=max_batch,

@@ -150,3 +150,35 @@ def test_append_bad_inputs(paged):
     with pytest.raises(ValueError, match="k has 3 heads but kv_cache has 2"):
         k3 = torch.randn(2, 3, 64, dtype=DT)
         attention.append_paged_kv(k3, k3, p.cache, torch.tensor([0, 1]), backend="torch")
+
+
+@pytest.mark.parametrize("op,backend,config,msg", [
+    ("decode", "triton", {"BLOCK_N": 48}, "config['BLOCK_N'] must be a power of two >= 16, got 48"),
+    ("decode", "triton", {"num_splits": 129}, "config['num_splits'] must be an int in [0, 128]"),
+    ("decode", "triton", {"num_warps": 3}, "config['num_warps'] must be one of 1, 2, 4, 8, 16"),
+    ("decode", "triton", {"num_stages": 0}, "config['num_stages'] must be an int >= 1, got 0"),
+    ("decode", "triton", {"splits": 4}, "config has unknown keys ['splits']"),
+    ("decode", "cuda", {"num_splits": -1}, "config['num_splits'] must be an int in [0, 128]"),
+    ("decode", "cuda", {"num_stages": 4}, "config['num_stages'] must be 0 (the default"),
+    ("decode", "cuda", {"BLOCK_N": 64}, "unknown keys ['BLOCK_N']; this backend takes"),
+    ("prefill", "triton", {"BLOCK_M": 100}, "config['BLOCK_M'] must be a power of two >= 16"),
+    ("prefill", "triton", {"HEADS_INNER": 1}, "config['HEADS_INNER'] must be a bool, got 1"),
+    ("prefill", "triton", {"BLOCK_M": True}, "config['BLOCK_M'] must be a power of two"),
+    ("prefill", "triton", [("BLOCK_M", 64)], "config must be a dict, got list"),
+])
+def test_bad_launch_configs(op, backend, config, msg):
+    """Checked when the plan object is made, before any launch (a bad tile would otherwise be a
+    Triton compile error, an unknown key silently ignored)."""
+    import re
+    import types
+
+    from pykernels.attention import _dispatch, plan
+
+    # the runner only needs the backend module's name here (the CUDA one needs a GPU to import)
+    mod = types.SimpleNamespace(__name__=f"pykernels.attention.{backend}")
+    q, cache = torch.empty(2, 4, 64, dtype=DT), torch.empty(3, 2, 4, 2, 64, dtype=DT)
+    spec, attn = _dispatch.spec_from(q, cache), _dispatch.attn_params(64, None, 0.0, -1)
+    cls = plan.GenericDecodeRunner if op == "decode" else plan.GenericPrefillRunner
+    with pytest.raises((ValueError, TypeError), match=re.escape(msg)):
+        cls(mod, spec, attn, config=config)
+    cls(plan._NoPlan, spec, attn, config=config)  # a module without launch configs takes any
