@@ -250,12 +250,11 @@ def scaled_mm_mode(device: str, dtype: torch.dtype) -> str:
         torch._scaled_mm(a, b, scale_a=torch.ones(16, 1, device=device),
                          scale_b=torch.ones(1, 16, device=device), out_dtype=dtype)
         torch.cuda.synchronize(device)
-        return "rowwise"
-    except (RuntimeError, ValueError, NotImplementedError):
-        pass
-    one = torch.ones((), device=device)
-    torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=dtype)
-    return "tensor"
+    except (RuntimeError, ValueError, NotImplementedError):  # no row-wise scales here
+        one = torch.ones((), device=device)
+        torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=dtype)
+        return "tensor"
+    return "rowwise"
 
 
 def quantize_fp8(t: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 
 import autotune
 from autotune import attention as drv
+from autotune import attention_space as sp
 from pykernels.attention import PagedDecode, PagedPrefill, _dispatch, paged_decode, ref, tunables
 from pykernels.attention import triton_decode as td
 from pykernels.attention import triton_prefill as tp
@@ -41,7 +42,7 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def h200_sms(monkeypatch):
     """132 SMs (H100 SXM / H200) whatever GPU runs the test: the split counts below assume it."""
-    monkeypatch.setattr(drv, "_sms", lambda: 132)
+    monkeypatch.setattr(sp, "_sms", lambda: 132)
 
 
 def _close(got, want, dtype=DT):
@@ -62,7 +63,7 @@ def _splits(space, shape):
 
 
 def test_decode_split_counts_fill_the_gpu_without_overflowing_the_workspace(h200_sms):
-    space = drv.spaces()["paged_decode_triton"]
+    space = sp.spaces()["paged_decode_triton"]
     # bs=1, 8 kv heads: 1-8 splits would leave >= half the 132 SMs idle
     assert _splits(space, _anchor(1, 4096)) == [12, 16, 24, 32, 48, 64, 96, 128]
     assert _splits(space, _anchor(4, 4096)) == [3, 4, 6, 8, 12, 16, 24, 32]
@@ -74,7 +75,7 @@ def test_decode_split_counts_fill_the_gpu_without_overflowing_the_workspace(h200
 
 
 def test_decode_blocks_warps_and_stages_fit(h200_sms):
-    ok = drv.decode_triton_valid
+    ok = sp.decode_triton_valid
     base = {"num_splits": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert ok(base, _anchor(1, 4096))
     assert not ok({**base, "BLOCK_N": 128}, _anchor(1, 4096, head_dim=256))  # 32K-value tile
@@ -86,7 +87,7 @@ def test_decode_blocks_warps_and_stages_fit(h200_sms):
 
 
 def test_prefill_tiles_fit_registers_and_shared_memory():
-    ok = drv.prefill_triton_valid
+    ok = sp.prefill_triton_valid
     shape = {"head_dim": 128, "dtype": "bfloat16", "kv_dtype": "bfloat16"}
     cfg = {"BLOCK_M": 256, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
     assert not ok(cfg, shape)  # 512 accumulator + logit values per thread
@@ -148,7 +149,7 @@ def test_reference_check_scales_with_the_output():
 
 
 def test_backend_space_times_only_what_runs_here():
-    space = drv.spaces("cpu")["paged_decode_backend"]
+    space = sp.spaces("cpu")["paged_decode_backend"]
     assert space.configs(_anchor(2, 64)) == [{"backend": "triton"}]
     assert drv.usable_backends("prefill", cpu=True) == ("triton",)
     for name in drv.usable_backends("decode"):
