@@ -87,13 +87,13 @@ def _pipe_ok(bk: int, stages: int, decode: bool) -> bool:
     return (bk, stages) in (DECODE_PIPES if decode else LARGE_PIPES)
 
 
-def _warps_ok(warps: int, acc: int, gated: bool, decode: bool) -> bool:
+def _warps_ok(warps: int, acc: int, decode: bool) -> bool:
     """Accumulator values per program (acc) decide the warps: 4 warps up to 16K values (128
-    registers a thread; 8K when gated, whose 16K tiles spilled at 4 warps in a Triton 3.9 sm_90
-    compile: 255 registers + 8-16 B of stack), 8 warps from 16K, or from 4K at decode (vLLM's
-    16 x 256 decode tile runs 8 warps)."""
+    registers a thread: a 64 x 128 gated tile, one 64 x 256 accumulator, compiles for sm_90 to
+    254 registers without stack), 8 warps from 16K, or from 4K at decode (vLLM's 16 x 256
+    decode tile runs 8 warps)."""
     if warps == 4:
-        return acc <= (8192 if gated else 16384)
+        return acc <= 16384
     return acc >= 16384 or (decode and acc >= 4096)
 
 
@@ -120,7 +120,7 @@ def _tile_ok(cfg: dict, bm: int, n_out: int, k: int, slots: float, tiles: int,
     if not decode and (bn < min(64, triton.next_power_of_2(n_out)) or
                        group != (16 if slots >= 2 * bm else 1)):
         return False
-    if not _warps_ok(warps, tiles * bm * bn, tiles == 2, decode):
+    if not _warps_ok(warps, tiles * bm * bn, decode):
         return False
     if stages == 1 and not _regs_ok_without_prefetch(cfg, bm, tiles, elt):
         return False

@@ -5,9 +5,9 @@ by expert and pads each group to a multiple of BLOCK_SIZE_M, so every block of B
 sorted slots belongs to one expert. Per chunk of tokens:
 
 1. up: ``act[slot] = silu(x[t] W1g_e^T) * (x[t] W1u_e^T)`` for the BLOCK_SIZE_N act columns of
-   the program. The gate and up tiles are two accumulators of one program (rows n and I + n of
-   w1), so SiLU-and-mul runs in the epilogue on fp32 values: the [slots, 2I] pre-activation never
-   reaches memory and one launch is saved.
+   the program. The program's B tile interleaves the gate and up rows (n and I + n of w1) in one
+   accumulator, so SiLU-and-mul runs in the epilogue on fp32 values: the [slots, 2I]
+   pre-activation never reaches memory and one launch is saved.
 2. down: ``y[slot] = w[slot] * act[slot] W2_e^T`` (routed weight in the epilogue, fp32).
 3. ``out[t] = sum_j y[t * topk + j]`` in fp32 over the slots whose id is in range: a token
    routed nowhere (id -1, or out of range) adds nothing, though no GEMM wrote its slot.
@@ -79,22 +79,30 @@ def _moe_gemm_kernel(
     slot = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
     valid = slot < num_valid
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
-    c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :]
-    c_mask = valid[:, None] & (offs_cn[None, :] < N)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert == -1:  # not a local expert: its slots contribute zero
         zeros = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty)
-        tl.store(c_ptrs, zeros, mask=c_mask)
+        tl.store(c_ptr + slot[:, None] * stride_cm + offs_cn[None, :], zeros,
+                 mask=valid[:, None] & (offs_cn[None, :] < N))
         return
     # Padding slots read row 0 (in bounds, never stored): no token mask in the main loop.
     row = tl.where(valid, slot // ROW_DIV, 0)
-    offs_n = offs_cn % N  # columns past N wrap onto real rows (masked at the store)
+    if GATED:
+        # One B tile of 2 * BLOCK_SIZE_N w1 rows, gate and up interleaved (column 2j is gate
+        # row n_j, 2j + 1 is up row N + n_j): one dot, so each warpgroup issues a wgmma twice
+        # as wide (n128/n256 instead of two n64/n128 reading the same A from shared memory),
+        # and the wgmma accumulator keeps adjacent columns in one thread, so the split in the
+        # epilogue moves no data. Two dots of BLOCK_SIZE_N ran GEMM 1 of Mixtral at 4096
+        # tokens at ~320-500 TFLOP/s where GEMM 2 reached ~540.
+        offs_b = tl.arange(0, 2 * BLOCK_SIZE_N)
+        offs_bn = (pid_n * BLOCK_SIZE_N + offs_b // 2) % N + (offs_b % 2) * N
+    else:
+        offs_bn = offs_cn % N  # columns past N wrap onto real rows (masked at the store)
     offs_k = tl.arange(0, BLOCK_SIZE_K)
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
-    up_off = N * stride_bn
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_SIZE_M, 2 * BLOCK_SIZE_N if GATED else BLOCK_SIZE_N),
+                   dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -104,25 +112,20 @@ def _moe_gemm_kernel(
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if GATED:
-            if EVEN_K:
-                b_up = tl.load(b_ptrs + up_off)
-            else:
-                b_up = tl.load(b_ptrs + up_off, mask=offs_k[:, None] < k_left, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_SIZE_K
         b_ptrs += BLOCK_SIZE_K
     if USE_FP8:  # per-tensor scales come with stride 0
         a_s = tl.load(a_scale_ptr + row * stride_asm)[:, None]
-        s_ptrs = b_scale_ptr + expert * stride_bse + offs_n * stride_bsn
-        acc = acc * a_s * tl.load(s_ptrs)[None, :]
-        if GATED:
-            acc_up = acc_up * a_s * tl.load(s_ptrs + N * stride_bsn)[None, :]
+        acc = acc * a_s * tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)[None, :]
     if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_SIZE_M, BLOCK_SIZE_N, 2)))
+        acc = gate * tl.sigmoid(gate) * up
     if MUL_ROUTED_WEIGHT:
         acc = acc * tl.load(topk_w_ptr + slot, mask=valid, other=0.0)[:, None]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    # The [BLOCK_SIZE_M, BLOCK_SIZE_N] output pointers are formed here, not before the loop:
+    # live through it they cost registers the accumulator needs (128x256 tiles spilled).
+    c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_cn[None, :] < N))
 
 
 @triton.jit
