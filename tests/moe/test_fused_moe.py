@@ -45,8 +45,10 @@ def _own_cache(tmp_path, monkeypatch):
 # ---- inputs ------------------------------------------------------------------------------------
 
 def make_weights(E, H, I, dtype, device="cpu"):  # noqa: E741
-    w1 = (torch.randn(E, 2 * I, H, device=device) / math.sqrt(H)).to(dtype)
-    w2 = (torch.randn(E, H, I, device=device) / math.sqrt(I)).to(dtype)
+    # Drawn in the target dtype: an fp32 draw of DeepSeek-V3's w1 is a 30 GB transient, which
+    # ran out of memory with 8 pytest workers on one H200.
+    w1 = torch.randn(E, 2 * I, H, device=device, dtype=dtype).div_(math.sqrt(H))
+    w2 = torch.randn(E, H, I, device=device, dtype=dtype).div_(math.sqrt(I))
     return w1, w2
 
 
