@@ -48,7 +48,7 @@ QUANTS = ("none", "fp8_w8a8")
 SMEM_LIMIT = 200 * 1024  # of 227 KB per block on H100/H200; the rest for Triton's epilogue
 MAX_ACC_REGS = 128  # fp32 accumulator values per thread before the tile spills
 
-_COMMON = {"BLOCK_SIZE_K": [32, 64, 128, 256], "GROUP_SIZE_M": [1, 16], "num_warps": [4, 8],
+_COMMON = {"BLOCK_SIZE_K": [64, 128, 256], "GROUP_SIZE_M": [1, 16], "num_warps": [4, 8],
            "num_stages": [2, 3, 4, 5]}
 UP_PARAMS = {"BLOCK_SIZE_M": [16, 32, 64, 128], "BLOCK_SIZE_N": [16, 32, 64, 128], **_COMMON}
 DOWN_PARAMS = {"BLOCK_SIZE_N": [32, 64, 128, 256], **_COMMON}
@@ -76,11 +76,9 @@ def block_m_range(slots: float) -> tuple[int, int]:
 # GEMM streams weights (vLLM's tuned H200 decode configs: 64 x 5, 128 x 5, 256 x 3, 256 x 2), and
 # 2-4 stages of 64/128 at larger batches (their 64 x 4, 128 x 3, 128 x 2). num_stages 1 is
 # prefetch off, tried with 128-256 deep K tiles (and the only choice under
-# TRITON_DISABLE_MACA_OPT_MMA_PREFETCH=1). 32 x 4-5 halves a stage so two 64-row CTAs fit an SM
-# (4 x 40 KB = 160 KB held the one 4-warp CTA of Mixtral's tuned 1024-token tile: ncu on an H200
-# showed 6.25% occupancy, 59% SM and 44% DRAM throughput).
+# TRITON_DISABLE_MACA_OPT_MMA_PREFETCH=1).
 DECODE_PIPES = {(64, 5), (128, 3), (128, 4), (128, 5), (256, 2), (256, 3)}
-LARGE_PIPES = {(32, 4), (32, 5), (64, 3), (64, 4), (128, 2), (128, 3)}
+LARGE_PIPES = {(64, 3), (64, 4), (128, 2), (128, 3)}
 
 
 def _pipe_ok(bk: int, stages: int, decode: bool) -> bool:
@@ -116,10 +114,6 @@ def _tile_ok(cfg: dict, bm: int, n_out: int, k: int, slots: float, tiles: int,
         return False
     decode = bm == 16 and slots <= 16  # weight streaming: thin N tiles, deep K pipelines
     if not _pipe_ok(bk, stages, decode) and bk >= min(64, k):
-        return False
-    # 32-deep stages only where they let two 64-row, 4-warp CTAs share an SM: 16-bit operands
-    # (fp8 stages of 64 are already that small).
-    if bk == 32 and (decode or bm != 64 or warps != 4 or elt != 2):
         return False
     if decode and group != 1:
         return False
