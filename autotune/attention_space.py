@@ -79,11 +79,10 @@ def decode_triton_valid(cfg: dict, shape: dict) -> bool:
 # Keys the CUDA kernel streams per pipeline stage at d=128 (32 KB of 16-bit K and V): the unit
 # "kv blocks" counts for its splits.
 CUDA_TILE_KEYS = 64
-CUDA_MAX_SPLITS = 64  # pykernels.attention.cuda.MAX_SPLITS (not imported: it loads the op library)
 
 
 def decode_cuda_valid(cfg: dict, shape: dict) -> bool:
-    if cfg["num_splits"] > CUDA_MAX_SPLITS:
+    if cfg["num_splits"] > _common.CUDA_MAX_SPLITS:  # the plan would clamp it
         return False
     programs = shape["batch"] * shape["num_kv_heads"]
     blocks = -(-shape["kv_len"] // CUDA_TILE_KEYS)

@@ -21,6 +21,7 @@ Either way the process then uses what it tuned (Tunable.install).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -240,16 +241,10 @@ def _confirm(case: Case, timings: list, timer, discarded: list) -> tuple[list, i
     out = []
     for config, us in timings:
         if id(config) in samples:
-            out.append((config, _median(samples[id(config)])))
+            out.append((config, statistics.median(samples[id(config)])))
         elif all(config is not c for c, _ in near):
             out.append((config, us))
     return out, len(near)
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
 def tune(tunable: Tunable, space: space_mod.Space, shapes: Iterable[Mapping],

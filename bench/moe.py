@@ -184,12 +184,9 @@ def fused_cases(tokens: int, s: MoEShape, dtype: torch.dtype, fp8: bool = False,
 
 
 def align_case(tokens: int, topk: int, experts: int, block: int, model: str = "") -> Case:
-    # Graph replay for every backend, as a model step runs it: by duration, some eager Triton
-    # calls (3 launches, ~30 arguments) measured 90-200 us of host time and were event-timed
-    # beside graph-timed CUDA rows (H200, 2026-11-21).
     shape = {"tokens": tokens, "num_experts": experts, "topk": topk, "block_size": block}
     return Case("moe_align", shape, torch.int32, nbytes=align_nbytes(tokens, topk, experts, block),
-                model=model, graph=True)
+                model=model)
 
 
 def _grid(args: argparse.Namespace) -> tuple[list[MoEShape], tuple[int, ...]]:

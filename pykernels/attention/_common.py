@@ -32,6 +32,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # 32 q heads, d=128: 2 MB at 128 splits), and past 128 splits of a 32k sequence each split holds
 # < 256 tokens, below which the merge dominates.
 MAX_SPLITS = 128
+# The CUDA decode's limit, kMaxSplits of csrc/attention/decode_utils.cuh (its merge keeps a weight
+# per (head, split) in shared memory): its plan clamps to it, the tuner searches no further.
+CUDA_MAX_SPLITS = 64
 # Aliases accepted in VLLM_ATTENTION_BACKEND (vLLM's names) for our backend names.
 _ALIASES = {"flashinfer": "fi", "flash_attn": "fa", "flash-attn": "fa", "triton_attn": "triton",
             "torch_sdpa": "torch", "reference": "torch"}
@@ -150,7 +153,7 @@ def splits_key(most: int) -> tuple:
 CONFIG_KEYS = {
     ("decode", "triton"): {"num_splits": splits_key(MAX_SPLITS), "BLOCK_N": POW2,
                            "BLOCK_H": POW2, "num_warps": WARPS, "num_stages": STAGES},
-    # the CUDA plan clamps num_splits to its merge's limit, 64 (cuda.MAX_SPLITS)
+    # the CUDA plan clamps num_splits to CUDA_MAX_SPLITS
     ("decode", "cuda"): {"num_splits": splits_key(MAX_SPLITS),
                          "num_stages": (lambda v: _int(v) and v in (0, 2, 3),
                                         "0 (the default for the head_dim), 2 or 3")},

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from pykernels import attention
-from pykernels.attention import PagedDecode
+from pykernels.attention import PagedDecode, _common
 from tests.attention._cases import Paged
 
 DT = torch.float16
@@ -169,7 +172,6 @@ def test_append_bad_inputs(paged):
 def test_bad_launch_configs(op, backend, config, msg):
     """Checked when the plan object is made, before any launch (a bad tile would otherwise be a
     Triton compile error, an unknown key silently ignored)."""
-    import re
     import types
 
     from pykernels.attention import _dispatch, plan
@@ -182,3 +184,11 @@ def test_bad_launch_configs(op, backend, config, msg):
     with pytest.raises((ValueError, TypeError), match=re.escape(msg)):
         cls(mod, spec, attn, config=config)
     cls(plan._NoPlan, spec, attn, config=config)  # a module without launch configs takes any
+
+
+def test_cuda_split_limit_is_the_kernels():
+    """_common.CUDA_MAX_SPLITS (what the tuner searches and the plan clamps to) is the merge's
+    kMaxSplits, read from the CUDA header: no GPU or built library needed."""
+    header = Path(__file__).resolve().parents[2] / "csrc/attention/decode_utils.cuh"
+    found = re.search(r"constexpr int kMaxSplits = (\d+);", header.read_text())
+    assert found and int(found.group(1)) == _common.CUDA_MAX_SPLITS
