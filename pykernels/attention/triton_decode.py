@@ -119,10 +119,12 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     out_ptr, po_ptr, plse_ptr, stride_ob, stride_oh, num_q_heads, num_splits, v_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_D
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < num_splits
     base = (b * num_q_heads + h) * num_splits
@@ -134,7 +136,7 @@ def _decode_merge_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)  # empty splits (lse = -inf) weigh 0
     total = tl.sum(w, 0)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
     po = tl.load(po_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                  mask=s_mask[:, None], other=0.0)
     o = tl.sum(po * w[:, None], 0) / tl.where(total > 0, total, 1.0) * v_scale
@@ -208,11 +210,23 @@ def decode(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, table: _c
         PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     if not direct:
-        _decode_merge_kernel[(hq, batch)](
+        block_d = merge_block_d(d, hq * batch, _common.sm_count(q.device))
+        _decode_merge_kernel[(hq, batch, d // block_d)](
             out, work.partial_o, work.partial_lse, out.stride(0), out.stride(1), hq, splits,
-            params.v_scale, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(splits), PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+            params.v_scale, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
+
+
+def merge_block_d(head_dim: int, rows: int, sms: int) -> int:
+    """Head-dim slice of a merge program: with fewer (request, q head) rows than SMs, each row's
+    head_dim is cut into up to 32-wide slices so that more programs share the partials' loads.
+    bs=1 at 32 q heads: 32 programs each read every split's whole row (96 splits x 512 B at 32k
+    keys; 4.9 us in ncu on an H200 against 43 us for the splits), now 128 programs a quarter."""
+    slices = 1
+    while slices * rows < sms and head_dim // (2 * slices) >= 32:
+        slices *= 2
+    return head_dim // slices
 
 
 def _pdl(device: torch.device) -> bool:
