@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pykernels import attention
-from pykernels.attention import PagedDecode, PagedPrefill, ref
+from pykernels.attention import PagedDecode, PagedPrefill, ref, triton_decode
 from pykernels.attention import triton_prefill as tp
 from tests.attention._cases import TOL, Paged
 
@@ -36,6 +36,14 @@ def test_decode(splits, heads, page_size):
     assert got is out
     _close(got, ref.decode_ref(q, p.cache, *p.table))
     assert torch.count_nonzero(got[3]) == 0
+
+
+@pytest.mark.parametrize("d, rows, want", [(128, 32, 32), (128, 100, 64), (128, 132, 128),
+                                           (64, 1, 32), (256, 8, 32), (256, 64, 64)])
+def test_merge_head_dim_slices(d, rows, want):
+    """The merge cuts a row's head_dim (into slices of >= 32) only while rows < SMs (132), so
+    test_decode above (<= 40 rows at d=64) runs the sliced merge."""
+    assert triton_decode.merge_block_d(d, rows, 132) == want
 
 
 def test_decode_head_chunks_and_strided_q():
