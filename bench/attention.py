@@ -34,7 +34,8 @@ from bench import cli, paged_kv, shapes
 from bench.cli import Case, Family, Provider, main
 
 # FlashInfer's float workspace (split-KV partials), as pykernels.attention.fi sizes it: 128 MB
-# overflowed on the tensor-core decode at bs=512.
+# overflowed on the tensor-core decode at bs=512. A copy: importing fi.py imports flashinfer, which
+# the bench loads through cli.load (the CPU tests hand it a fake).
 WORKSPACE_BYTES = 394 << 20
 QUICK_DECODE = [(1, 4096), (16, 4096), (64, 4096)]
 QUICK_PREFILL = [(8, 2048)]

@@ -88,10 +88,14 @@ def _replay_us(graph: torch.cuda.CUDAGraph) -> float:
     return start.elapsed_time(end) * 1e3
 
 
-def _graph_measure(fn, n_inputs: int, per_call_us: float, rep_ms: float) -> Timing:
+def _graph_calls(per_call_us: float, n_inputs: int) -> int:
     # One graph holds enough calls (a multiple of n_inputs) to run >= ~200 us per replay, so the
     # per-replay event overhead (~2 us) stays under 1%.
-    calls = n_inputs * max(1, math.ceil(200.0 / max(per_call_us, 0.5) / n_inputs))
+    return n_inputs * max(1, math.ceil(200.0 / max(per_call_us, 0.5) / n_inputs))
+
+
+def _graph_measure(fn, n_inputs: int, per_call_us: float, rep_ms: float) -> Timing:
+    calls = _graph_calls(per_call_us, n_inputs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -104,7 +108,7 @@ def _graph_measure(fn, n_inputs: int, per_call_us: float, rep_ms: float) -> Timi
     per_call_us = _replay_us(graph) / calls
     if per_call_us * calls < 150.0:
         del graph
-        calls = n_inputs * max(1, math.ceil(200.0 / max(per_call_us, 0.5) / n_inputs))
+        calls = _graph_calls(per_call_us, n_inputs)
         graph = _capture(fn, n_inputs, calls)
     replays = max(5, min(1000, int(rep_ms * 1e3 / (per_call_us * calls))))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(replays)]

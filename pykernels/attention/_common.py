@@ -54,9 +54,7 @@ class Params:
         # The kernels take the row max of the raw logits before scaling them: a scale <= 0 (or
         # NaN) would pick the wrong row max, a silent wrong answer.
         for name in ("sm_scale", "k_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+            check_positive(name, getattr(self, name))
         if not math.isfinite(self.v_scale):
             raise ValueError(f"v_scale must be finite, got {self.v_scale}")
 
@@ -308,6 +306,11 @@ def scalar(name: str, value, kind=float, positive: bool = False):
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()  # a host sync for device tensors: pass floats on the hot path
     value = kind(value)
-    if positive and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if positive:
+        check_positive(name, value)
     return value
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
