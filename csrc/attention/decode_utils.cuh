@@ -141,13 +141,17 @@ struct TileRows {
   int page[S::kPerThread];
 };
 
-// Page number and slot of token t, then of t + kRowStep, t + 2 kRowStep, ...: one division (a
-// shift for power-of-two pages) per tile instead of one per row. A division per row, which the
-// compiler evaluated even on the shift path, made the loader ~half of the kernel's instructions.
+// Page number and slot of token t, then of t + kRowStep, t + 2 kRowStep, ...: one division per
+// tile instead of one per row. POW2 (page size 2^page_shift, the usual case) needs none: a shift
+// and a mask per row, no loop. The loader dominated the main loop's instructions: a division per
+// row made it ~half, and with the general cursor's carry loop on every page size the loop body
+// still held 16 small loops (a BSSY/BSYNC pair each) and 600 integer/branch instructions against
+// 32 HMMA (SASS of the bf16 d=128 kernel).
+template <bool POW2>
 struct RowCursor {
   int page_no, slot;
   __device__ __forceinline__ RowCursor(const DecodeParams& p, int t) {
-    if (p.page_shift >= 0) {
+    if constexpr (POW2) {
       page_no = t >> p.page_shift;
       slot = t & (p.page_size - 1);
     } else {
@@ -157,19 +161,24 @@ struct RowCursor {
   }
   __device__ __forceinline__ void advance(const DecodeParams& p, int step) {
     slot += step;
-    while (slot >= p.page_size) {  // once at most for pages >= step (8 rows at head_dim 128)
-      slot -= p.page_size;
-      ++page_no;
+    if constexpr (POW2) {
+      page_no += slot >> p.page_shift;
+      slot &= p.page_size - 1;
+    } else {
+      while (slot >= p.page_size) {  // once at most for pages >= step (8 rows at d=128)
+        slot -= p.page_size;
+        ++page_no;
+      }
     }
   }
 };
 
-template <typename S>
-__device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParams& p,
-                                            const int* pages, int t0, int hi) {
+template <typename S, bool POW2>
+__device__ __forceinline__ void fetch_rows(TileRows<S>& rows, const DecodeParams& p,
+                                           const int* pages, int t0, int hi) {
   constexpr int kRowStep = S::kThreads / S::kChunks;
   const int t = t0 + threadIdx.x / S::kChunks;
-  RowCursor cur(p, t);
+  RowCursor<POW2> cur(p, t);
 #pragma unroll
   for (int i = 0; i < S::kPerThread; ++i) {
     rows.page[i] = t + i * kRowStep < hi ? __ldg(pages + cur.page_no) : -1;
@@ -177,10 +186,20 @@ __device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParam
   }
 }
 
+template <typename S>
+__device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParams& p,
+                                            const int* pages, int t0, int hi) {
+  if (p.page_shift >= 0) {  // uniform
+    fetch_rows<S, true>(rows, p, pages, t0, hi);
+  } else {
+    fetch_rows<S, false>(rows, p, pages, t0, hi);
+  }
+}
+
 // Issues the cp.async copies of a tile's K and V rows (rows past hi are zero-filled, so P V never
 // meets garbage). 16-bit rows land swizzled for ldmatrix; fp8 rows land raw for the widening pass.
-template <typename S, int KV_BYTES>
-__device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
+template <typename S, int KV_BYTES, bool POW2>
+__device__ __forceinline__ void issue_rows(char* stage, const TileRows<S>& rows,
                                            const DecodeParams& p, int kvh, int t0) {
   constexpr int kRowStep = S::kThreads / S::kChunks;
   static_assert(S::kThreads % S::kChunks == 0, "a thread copies one column of its rows");
@@ -189,7 +208,7 @@ __device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
   const char* base = static_cast<const char*>(p.cache) +
                      ((int64_t)kvh * p.stride_head * KV_BYTES + col * 16);
   const int64_t v_off = p.stride_kv * KV_BYTES;
-  RowCursor cur(p, t0 + r0);
+  RowCursor<POW2> cur(p, t0 + r0);
 #pragma unroll
   for (int i = 0; i < S::kPerThread; ++i) {
     const int r = r0 + i * kRowStep;
@@ -201,6 +220,16 @@ __device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
     cp_async_16(dst, src, valid);
     cp_async_16(dst + S::kTile * S::kRowBytes, valid ? src + v_off : src, valid);
     cur.advance(p, kRowStep);
+  }
+}
+
+template <typename S, int KV_BYTES>
+__device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
+                                           const DecodeParams& p, int kvh, int t0) {
+  if (p.page_shift >= 0) {  // uniform
+    issue_rows<S, KV_BYTES, true>(stage, rows, p, kvh, t0);
+  } else {
+    issue_rows<S, KV_BYTES, false>(stage, rows, p, kvh, t0);
   }
 }
 
