@@ -15,10 +15,6 @@ import torch
 from pykernels import _ops
 from pykernels.attention import _common, tunables
 
-# kMaxSplits of csrc/attention/decode_utils.cuh: its merge keeps a weight per (head, split) in
-# shared memory.
-MAX_SPLITS = 64
-
 _ops.load()
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
@@ -52,7 +48,7 @@ def decode_plan(spec: _common.Spec, batch: int, total_pages: int, config: dict |
         splits = _common.choose_splits(batch, spec.num_kv_heads * chunks, avg_len,
                                        _common.sm_count(spec.device))
     # num_stages: cp.async pipeline depth, 2 or 3 (0: the kernel's default for the head_dim)
-    return {"num_splits": int(min(splits, MAX_SPLITS)),
+    return {"num_splits": int(min(splits, _common.CUDA_MAX_SPLITS)),
             "num_stages": int(config.get("num_stages", 0))}
 
 
