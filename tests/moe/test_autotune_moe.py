@@ -51,7 +51,7 @@ def test_space_per_bucket(model, quant):
     for p in up_plans:
         slots = moe.per_expert(p.shape)
         lo, hi = moe.block_m_range(slots)
-        assert 10 <= len(p.candidates) <= 45, (p.key, len(p.candidates))
+        assert 10 <= len(p.candidates) <= 75, (p.key, len(p.candidates))
         for c in p.candidates[1:]:  # [0] is the default, which always competes
             assert lo <= c["BLOCK_SIZE_M"] <= hi
             assert _smem(c, c["BLOCK_SIZE_M"], 2, elt) <= moe.SMEM_LIMIT
@@ -59,12 +59,16 @@ def test_space_per_bucket(model, quant):
             assert (c["num_stages"] == 1) == (not c["prefetch"])
             if slots <= 1:  # decode: one thin block per expert
                 assert c["BLOCK_SIZE_M"] == 16 and c["GROUP_SIZE_M"] == 1
+            if c["TMA"]:  # pipelined, past decode
+                assert c["num_stages"] > 1 and (c["BLOCK_SIZE_M"] > 16 or slots > 16)
         distinct |= {canonical(c) for c in p.candidates}
     for p in down_plans:
-        assert 10 <= len(p.candidates) <= 45, (p.key, len(p.candidates))
+        assert 10 <= len(p.candidates) <= 75, (p.key, len(p.candidates))
         assert all("BLOCK_SIZE_M" not in c for c in p.candidates)
         distinct |= {canonical(c) for c in p.candidates}
-    assert len(distinct) <= 200  # compiles per model: what keeps a cold tune at a few minutes
+    # Compiles per model (what keeps a cold tune at a few minutes): TMA on/off past decode took
+    # it from ~150-175 to ~200-270.
+    assert len(distinct) <= 300
 
 
 def test_block_m_range_and_default_candidate():

@@ -262,31 +262,41 @@ def test_quantize_fp8_triton_cpu(monkeypatch):
     assert want_s[4].item() == pytest.approx(quant.MIN_SCALE)
 
 
-def _compile_sm90(gated: bool, fp8: bool, block: tuple, even_k: bool = True):
+def _compile_sm90(gated: bool, fp8: bool, block: tuple, tma: bool = False,
+                  even_k: bool = True):
     """Compile the GEMM kernel for sm_90a without a GPU (Triton's bundled ptxas): returns the
     cubin's (registers, stack bytes) and whether the main loop became async copies + wgmma."""
     from tests.triton_sm90 import compile_sm90
 
     fn, act, w = kern._moe_gemm_kernel, "*bf16", "*fp8e4nv" if fp8 else "*bf16"
     aux = "*fp32" if fp8 else act
-    sig = {"a_ptr": w, "b_ptr": w, "c_ptr": act, "a_scale_ptr": aux, "b_scale_ptr": aux,
+    bm, bn, bk, group, warps, stages = block
+    b = w
+    if tma:  # the weight's descriptor: [E, 2, N, K] gated, [E, N, K] otherwise
+        box = [1, 2, bn, bk] if gated else [1, bn, bk]
+        b = f"tensordesc<{'fp8e4nv' if fp8 else 'bf16'}{box}>"
+    sig = {"a_ptr": w, "b_ptr": b, "c_ptr": act, "a_scale_ptr": aux, "b_scale_ptr": aux,
            "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
            "total_ptr": "*i32", **{n: "i32" for n in fn.arg_names[9:20]}}
-    bm, bn, bk, group, warps, stages = block
     const = dict(ROW_DIV=2 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
-                 USE_FP8=fp8, EVEN_K=even_k, DOT_PRECISION="tf32", BLOCK_SIZE_M=bm,
+                 USE_FP8=fp8, EVEN_K=even_k, DOT_PRECISION="tf32", B_TMA=tma, BLOCK_SIZE_M=bm,
                  BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group)
-    aligned = [n for n in sig if n.endswith("_ptr")] + ["N", "K", "stride_am", "stride_be",
-                                                         "stride_bn", "stride_cm"]
+    aligned = [n for n in sig if n.endswith("_ptr") and not (tma and n == "b_ptr")] + \
+        ["N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm"]
     r = compile_sm90(fn, sig, const, aligned, warps, stages)
     return r["regs"], r["stack"], r["pipelined"], r["wgmma"]
 
 
-SM90_TILES = [  # (gated, fp8, (BM, BN, BK, GROUP_SIZE_M, warps, stages), uses wgmma)
-    (True, False, (16, 32, 256, 1, 4, 3), False),  # decode: mma.sync, deep K
-    (True, False, (128, 64, 64, 16, 8, 4), True),
-    (False, False, (128, 256, 64, 16, 8, 3), True),  # vLLM's tuned prefill tile
-    (True, True, (64, 64, 128, 16, 4, 3), True),
+SM90_TILES = [  # (gated, fp8, (BM, BN, BK, GROUP_SIZE_M, warps, stages), TMA, uses wgmma)
+    (True, False, (16, 32, 256, 1, 4, 3), False, False),  # decode: mma.sync, deep K
+    (True, False, (128, 64, 64, 16, 8, 4), False, True),
+    (False, False, (128, 256, 64, 16, 8, 3), False, True),  # vLLM's tuned prefill tile
+    (True, True, (64, 64, 128, 16, 4, 3), False, True),
+    # Weight tiles by TMA: the gated [1, 2, BN, BK] box reshaped in shared memory feeds wgmma.
+    (True, False, (16, 64, 256, 1, 4, 3), True, False),
+    (True, False, (128, 128, 64, 16, 8, 3), True, True),
+    (False, False, (128, 256, 64, 16, 8, 4), True, True),
+    (True, True, (64, 64, 128, 16, 4, 3), True, True),
 ]
 
 
@@ -296,8 +306,8 @@ def test_kernel_compiles_for_sm90():
     blocks) and without spilling: caught here, before a GPU run."""
     from tests.triton_sm90 import results_in_child
 
-    results = results_in_child("tests.moe.test_fused_moe", "_compile_sm90(*t[:3])")
-    for (_, _, block, wgmma), (regs, stack, pipelined, uses_wgmma) in zip(SM90_TILES, results):
+    results = results_in_child("tests.moe.test_fused_moe", "_compile_sm90(*t[:4])")
+    for (*_, block, _, wgmma), (regs, stack, pipelined, uses_wgmma) in zip(SM90_TILES, results):
         assert pipelined and uses_wgmma == wgmma and stack == 0 and regs <= 255, block
 
 
@@ -411,6 +421,7 @@ def test_bad_fp8_inputs(per_channel, kw, err, msg):
     ({**SMALL, "BLOCK_SIZE_N": 24}, "config['up']['BLOCK_SIZE_N'] must be a positive int (a "
                                     "power of two >= 16"),
     ({"up": SMALL, "down": 3}, "config['up'] and config['down'] must both be dicts"),
+    ({**SMALL, "TMA": 1}, "config['up']['TMA'] must be a bool, got 1"),
     ({**SMALL, "BLOCK_SIZE_K": 8}, "power of two >= 16 for block sizes), got 8"),
     ({"up": SMALL, "down": {**SMALL, "BLOCK_SIZE_M": 32}},
      "config['down']['BLOCK_SIZE_M'] (32) must equal config['up']'s (16)"),
@@ -490,6 +501,49 @@ def test_gpu_configs(config, m):
     w1, w2 = make_weights(8, 1000, 333, torch.bfloat16, "cuda")
     tw, ti = make_routing(m, 8, 2, "cuda")
     check(torch.randn(m, 1000, device="cuda").bfloat16(), w1, w2, tw, ti, config=config)
+
+
+TMA_CONFIGS = [  # weight tiles by TMA: decode (mma.sync), wgmma tiles, split up/down configs
+    {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 256, "num_stages": 3, "TMA": True},
+    {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16,
+     "num_stages": 4, "TMA": True},
+    {"up": {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16,
+            "num_warps": 8, "num_stages": 3, "TMA": True},
+     "down": {"BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "num_warps": 8, "num_stages": 3,
+              "TMA": True}},
+]
+
+
+@gpu
+@pytest.mark.parametrize("config", TMA_CONFIGS)
+@pytest.mark.parametrize("m", [5, 600])
+def test_gpu_tma(config, m):
+    """H = 1016 and I = 344 keep TMA's 16-byte strides but leave K tails (1016 = 15 x 64 + 56)
+    and N tails (344 rows of gate and of up, 2.7 x 128): the descriptor's zero fill must not
+    leak the next expert's or the up half's rows."""
+    h, i = 1016, 344
+    w1, w2 = make_weights(8, h, i, torch.bfloat16, "cuda")
+    assert kern._tma_ok(w1, h) and kern._tma_ok(w2, i)
+    tw, ti = make_routing(m, 8, 2, "cuda")
+    check(torch.randn(m, h, device="cuda").bfloat16(), w1, w2, tw, ti, config=config)
+
+
+@gpu
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gpu_fp8_tma_matches_cp_async(per_channel):
+    """fp8 weights by TMA: the same bits as the same tile loaded by cp.async (one dynamic
+    quantization of the activations; a reference comparison flips an fp8 bin in 2-3 of 340K
+    outputs at this tile, beyond FP8_TOL)."""
+    E_, k, h, i, m = 8, 2, 1024, 1536, 333
+    wf1, wf2 = make_weights(E_, h, i, torch.float32, "cuda")
+    (w1, s1), (w2, s2) = quantize_weight(wf1, per_channel), quantize_weight(wf2, per_channel)
+    x = torch.randn(m, h, device="cuda").bfloat16()
+    tw, ti = make_routing(m, E_, k, "cuda")
+    kw = dict(use_fp8_w8a8=True, per_channel_quant=per_channel, w1_scale=s1, w2_scale=s2)
+    config = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "num_stages": 3}
+    got = run(x, w1, w2, tw, ti, "triton", config={**config, "TMA": True}, **kw)
+    want = run(x, w1, w2, tw, ti, "triton", config={**config, "TMA": False}, **kw)
+    assert torch.equal(got, want)
 
 
 @gpu
