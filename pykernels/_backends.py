@@ -8,6 +8,7 @@ after the first call is one dict lookup.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -16,6 +17,14 @@ import torch
 
 from pykernels import envs
 from pykernels._ops import BackendUnavailable
+
+
+@functools.cache
+def hopper_or_newer(index: int | None) -> bool:
+    """An sm_90+ GPU at CUDA device `index` (None: the current one): TMA, wgmma, programmatic
+    dependent launch. Cached: a capability query costs ~10 us of host time."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
 
 # Backends that run only on CUDA tensors (triton too, unless TRITON_INTERPRET=1).
 _CUDA_ONLY = {"cuda", "fi", "fa"}

@@ -14,8 +14,6 @@ need many splits to fill the 132 SMs (bs=1, kv 4096, 8 kv heads: 32 splits -> 25
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +21,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from autotune import Tunable
 from pykernels import envs
+from pykernels._backends import hopper_or_newer
 from pykernels.attention import _common
 
 
@@ -233,9 +232,4 @@ def _pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (Hopper and newer, PYKERNELS_ENABLE_PDL): each kernel is
     scheduled while the one before it finishes (the merge during the splits' last programs, the
     split kernel during the previous kernel) and waits (gdc_wait) before it touches memory."""
-    return _hopper_or_newer(device) and envs.PYKERNELS_ENABLE_PDL
-
-
-@functools.cache
-def _hopper_or_newer(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and hopper_or_newer(device.index) and envs.PYKERNELS_ENABLE_PDL

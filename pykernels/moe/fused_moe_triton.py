@@ -40,6 +40,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from autotune import Tunable
 from autotune.space import force_prefetch_off
 from pykernels import envs
+from pykernels._backends import hopper_or_newer
 from pykernels.moe import quant
 from pykernels.moe.quant import Fp8
 
@@ -284,13 +285,8 @@ def _stages(cfg: dict) -> int:
 def _tma_ok(b: torch.Tensor, k: int) -> bool:
     """Weight tiles by TMA: a Hopper (or newer) GPU, 16-byte aligned base and strides."""
     size = b.element_size()
-    return (b.is_cuda and _has_tma(b.device.index) and b.data_ptr() % 16 == 0
+    return (b.is_cuda and hopper_or_newer(b.device.index) and b.data_ptr() % 16 == 0
             and all(s * size % 16 == 0 for s in b.stride()[:2]) and k * size >= 16)
-
-
-@functools.cache
-def _has_tma(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9  # cached: ~10 us a query
 
 
 def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_div: int,

@@ -48,6 +48,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pykernels import envs
+from pykernels._backends import hopper_or_newer
 from pykernels.quant import tunables
 
 PANEL = 128  # the packed K panel width (and the group size)
@@ -233,13 +234,8 @@ def _reduction(splits: int, deterministic: bool) -> str:
 
 def _tma_ok(x2d: torch.Tensor) -> bool:
     """TMA tiles: a Hopper (or newer) GPU, x 16-byte aligned with a 16-byte multiple row stride."""
-    return (x2d.is_cuda and _has_tma(x2d.device.index) and x2d.data_ptr() % 16 == 0
+    return (x2d.is_cuda and hopper_or_newer(x2d.device.index) and x2d.data_ptr() % 16 == 0
             and (x2d.stride(0) * x2d.element_size()) % 16 == 0)
-
-
-@functools.cache
-def _has_tma(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9  # cached: ~10 us a query
 
 
 # ---- launch -------------------------------------------------------------------------------------
