@@ -64,6 +64,11 @@ void check_cache(const at::Tensor& cache, const at::Tensor& q) {
                     "kv_cache must be contiguous within a token, got strides ", cache.strides());
   // cp.async moves 16-byte pieces: every row start must be 16-byte aligned.
   const int64_t e = cache.element_size();
+  // The loader's row address is a 32 x 32-bit product: a page (and a token) must span < 4 GiB.
+  TORCH_CHECK_VALUE(cache.stride(0) >= 0 && cache.stride(0) * e < (int64_t{1} << 32) &&
+                        cache.stride(2) >= 0 && cache.stride(2) * e < (int64_t{1} << 32),
+                    "kv_cache page and token strides must be below 4 GiB, got strides ",
+                    cache.strides());
   bool aligned = reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0;
   for (int i = 0; i < 3; ++i) aligned = aligned && (cache.stride(i) * e) % 16 == 0;
   TORCH_CHECK_VALUE(aligned, "kv_cache pages, K/V halves and tokens must start at 16-byte "
@@ -134,10 +139,11 @@ void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cac
   p.q_stride_h = q.stride(1);
   p.o_stride_b = out.stride(0);
   p.o_stride_h = out.stride(1);
-  p.stride_page = kv_cache.stride(0);
-  p.stride_kv = kv_cache.stride(1);
-  p.stride_tok = kv_cache.stride(2);
-  p.stride_head = kv_cache.stride(3);
+  const int64_t ce = kv_cache.element_size();
+  p.kv_bytes = kv_cache.stride(1) * ce;
+  p.head_bytes = kv_cache.stride(3) * ce;
+  p.page_bytes = (uint32_t)(kv_cache.stride(0) * ce);
+  p.tok_bytes = (uint32_t)(kv_cache.stride(2) * ce);
   p.num_q_heads = (int)hq;
   p.group = group;
   p.head_chunks = chunks;

@@ -39,7 +39,7 @@ __device__ __forceinline__ void attend_keys(const DecodeParams& p, const char* q
                                             float (&o)[HEAD_DIM / 8][4]) {
   constexpr int kRB = S::kWideRowBytes;
   const int lane = threadIdx.x % 32;
-  const int j = lane / 8, r8 = lane % 8, g = lane / 4, t = lane % 4;
+  const int j = lane / 8, r8 = lane % 8, t = lane % 4;
   float s[2][4] = {};
 #pragma unroll
   for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
@@ -62,15 +62,21 @@ __device__ __forceinline__ void attend_keys(const DecodeParams& p, const char* q
       for (int e = 0; e < 4; ++e) s[nt][e] *= p.qk_scale;
     }
   }
+  if (key0 + 16 > hi) {  // warp-uniform: only a split's last tile has keys to mask
+    const int first = key0 + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (first + nt * 8 + (e & 1) >= hi) s[nt][e] = -INFINITY;
+      }
+    }
+  }
   float mx[2] = {-INFINITY, -INFINITY};
-  const int first = key0 + 2 * t;
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (first + nt * 8 + (e & 1) >= hi) s[nt][e] = -INFINITY;
-      mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-    }
+    for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
   }
   float base[2], alpha[2];
 #pragma unroll
@@ -144,6 +150,9 @@ __global__ void __launch_bounds__(128, STAGES == 2 && HEAD_DIM <= 128 ? 3 : 2)
   const int hi = min(lo + per_split, kv_len);
   const int num_tiles = hi > lo ? (hi - lo + S::kTile - 1) / S::kTile : 0;
   const int* pages = p.kv_indices + page_lo;
+  // This CTA's kv head in page 0, at the thread's 16-byte column of a row.
+  const char* head = static_cast<const char*>(p.cache) + kvh * p.head_bytes +
+                     (threadIdx.x % S::kChunks) * 16;
   load_q<T, S>(q_s, p, b, qh0, heads);  // joins the first cp.async group below
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -164,7 +173,7 @@ __global__ void __launch_bounds__(128, STAGES == 2 && HEAD_DIM <= 128 ? 3 : 2)
 #pragma unroll
   for (int st = 0; st < S::kStages - 1; ++st) {
     if (st < num_tiles) {
-      issue_tile<S, sizeof(KV)>(pipe + st * S::kStageBytes, rows[st], p, kvh, lo + st * S::kTile);
+      issue_tile<S, sizeof(KV)>(pipe + st * S::kStageBytes, rows[st], p, head, lo + st * S::kTile);
     }
     cp_async_commit();
   }
@@ -179,7 +188,7 @@ __global__ void __launch_bounds__(128, STAGES == 2 && HEAD_DIM <= 128 ? 3 : 2)
     // Refill the freed stage before computing, so kStages - 1 tiles stay in flight meanwhile.
     const int next = i + S::kStages - 1;
     if (next < num_tiles) {
-      issue_tile<S, sizeof(KV)>(pipe + (next % S::kStages) * S::kStageBytes, upcoming, p, kvh,
+      issue_tile<S, sizeof(KV)>(pipe + (next % S::kStages) * S::kStageBytes, upcoming, p, head,
                                 lo + next * S::kTile);
     }
     cp_async_commit();

@@ -40,7 +40,10 @@ struct DecodeParams {
   const int* kv_indices;
   const int* kv_last_page_len;
   int64_t q_stride_b, q_stride_h, o_stride_b, o_stride_h;
-  int64_t stride_page, stride_kv, stride_tok, stride_head;  // cache strides, elements
+  // Cache strides in bytes. A page and a token fit 32 bits (the launcher checks), so a row's
+  // address is one 32 x 32 -> 64-bit multiply-add; the K -> V and head offsets may not.
+  int64_t kv_bytes, head_bytes;
+  uint32_t page_bytes, tok_bytes;
   int num_q_heads, group, head_chunks, page_size, page_shift, num_splits, window_left;
   int q_aligned;    // q rows start 16-byte aligned: loaded with cp.async
   float qk_scale;   // log2e * sm_scale * k_scale (no cap) or sm_scale * k_scale / cap
@@ -141,30 +144,29 @@ struct TileRows {
   int page[S::kPerThread];
 };
 
-// Page number and slot of token t, then of t + kRowStep, t + 2 kRowStep, ...: one division per
-// tile instead of one per row. POW2 (page size 2^page_shift, the usual case) needs none: a shift
-// and a mask per row, no loop. The loader dominated the main loop's instructions: a division per
-// row made it ~half, and with the general cursor's carry loop on every page size the loop body
-// still held 16 small loops (a BSSY/BSYNC pair each) and 600 integer/branch instructions against
-// 32 HMMA (SASS of the bf16 d=128 kernel).
+// Page number and slot of this thread's rows t, t + step, t + 2 step, ... POW2 (page size
+// 2^page_shift, the usual case): a shift and a mask a row. Otherwise one division, then a carry
+// (a division a row made the loader's instructions ~half the loop's).
 template <bool POW2>
 struct RowCursor {
-  int page_no, slot;
-  __device__ __forceinline__ RowCursor(const DecodeParams& p, int t) {
-    if constexpr (POW2) {
-      page_no = t >> p.page_shift;
-      slot = t & (p.page_size - 1);
-    } else {
-      page_no = t / p.page_size;
-      slot = t - page_no * p.page_size;
+  int t, page_no, slot;
+  __device__ __forceinline__ RowCursor(const DecodeParams& p, int t0) : t(t0) {
+    if constexpr (!POW2) {
+      page_no = t0 / p.page_size;
+      slot = t0 - page_no * p.page_size;
     }
   }
+  __device__ __forceinline__ int page(const DecodeParams& p, int i, int step) const {
+    if constexpr (POW2) return (t + i * step) >> p.page_shift;
+    return page_no;
+  }
+  __device__ __forceinline__ int slot_at(const DecodeParams& p, int i, int step) const {
+    if constexpr (POW2) return (t + i * step) & (p.page_size - 1);
+    return slot;
+  }
   __device__ __forceinline__ void advance(const DecodeParams& p, int step) {
-    slot += step;
-    if constexpr (POW2) {
-      page_no += slot >> p.page_shift;
-      slot &= p.page_size - 1;
-    } else {
+    if constexpr (!POW2) {
+      slot += step;
       while (slot >= p.page_size) {  // once at most for pages >= step (8 rows at d=128)
         slot -= p.page_size;
         ++page_no;
@@ -173,6 +175,7 @@ struct RowCursor {
   }
 };
 
+// This thread's rows are r0, r0 + kRowStep, ... of the tile (r0 = threadIdx.x / kChunks).
 template <typename S, bool POW2>
 __device__ __forceinline__ void fetch_rows(TileRows<S>& rows, const DecodeParams& p,
                                            const int* pages, int t0, int hi) {
@@ -181,7 +184,7 @@ __device__ __forceinline__ void fetch_rows(TileRows<S>& rows, const DecodeParams
   RowCursor<POW2> cur(p, t);
 #pragma unroll
   for (int i = 0; i < S::kPerThread; ++i) {
-    rows.page[i] = t + i * kRowStep < hi ? __ldg(pages + cur.page_no) : -1;
+    rows.page[i] = t + i * kRowStep < hi ? __ldg(pages + cur.page(p, i, kRowStep)) : -1;
     cur.advance(p, kRowStep);
   }
 }
@@ -198,38 +201,42 @@ __device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParam
 
 // Issues the cp.async copies of a tile's K and V rows (rows past hi are zero-filled, so P V never
 // meets garbage). 16-bit rows land swizzled for ldmatrix; fp8 rows land raw for the widening pass.
+// `head` is this CTA's kv head in page 0 plus the thread's 16-byte column. The address math is
+// 32-bit but for one wide multiply-add a row: with int64 strides each row took ~18 instructions
+// (sign extensions, 64 x 64-bit products, selects). The main loop of the bf16 d=128 kernel went
+// from ~870 to ~500 instructions a warp and tile (SASS); on an H200 that moved the small rows by
+// 1-3% (1x4096 13.6 -> 13.45 us, 4x4096 27.8 -> 27.2) and the large rows not at all.
 template <typename S, int KV_BYTES, bool POW2>
 __device__ __forceinline__ void issue_rows(char* stage, const TileRows<S>& rows,
-                                           const DecodeParams& p, int kvh, int t0) {
+                                           const DecodeParams& p, const char* head, int t0) {
   constexpr int kRowStep = S::kThreads / S::kChunks;
   static_assert(S::kThreads % S::kChunks == 0, "a thread copies one column of its rows");
   const int r0 = threadIdx.x / S::kChunks;
   const int col = threadIdx.x % S::kChunks;
-  const char* base = static_cast<const char*>(p.cache) +
-                     ((int64_t)kvh * p.stride_head * KV_BYTES + col * 16);
-  const int64_t v_off = p.stride_kv * KV_BYTES;
   RowCursor<POW2> cur(p, t0 + r0);
 #pragma unroll
   for (int i = 0; i < S::kPerThread; ++i) {
     const int r = r0 + i * kRowStep;
-    const bool valid = rows.page[i] >= 0;
-    const int64_t elem = (int64_t)rows.page[i] * p.stride_page + (int64_t)cur.slot * p.stride_tok;
-    const char* src = valid ? base + elem * KV_BYTES : static_cast<const char*>(p.cache);
+    // A row past hi (page -1) reads nothing but still gets a legal address: page 0's.
+    const unsigned skip = (unsigned)rows.page[i] >> 31;
+    const uint32_t page = max(rows.page[i], 0);
+    const uint32_t slot = cur.slot_at(p, i, kRowStep);
+    cur.advance(p, kRowStep);
+    const char* src = head + (uint64_t)page * p.page_bytes + slot * p.tok_bytes;
     const int off = KV_BYTES == 2 ? swizzle<S::kRowBytes>(r, col) : r * S::kRowBytes + col * 16;
     char* dst = stage + off;
-    cp_async_16(dst, src, valid);
-    cp_async_16(dst + S::kTile * S::kRowBytes, valid ? src + v_off : src, valid);
-    cur.advance(p, kRowStep);
+    cp_async_16_unless(dst, src, skip);
+    cp_async_16_unless(dst + S::kTile * S::kRowBytes, src + p.kv_bytes, skip);
   }
 }
 
 template <typename S, int KV_BYTES>
 __device__ __forceinline__ void issue_tile(char* stage, const TileRows<S>& rows,
-                                           const DecodeParams& p, int kvh, int t0) {
+                                           const DecodeParams& p, const char* head, int t0) {
   if (p.page_shift >= 0) {  // uniform
-    issue_rows<S, KV_BYTES, true>(stage, rows, p, kvh, t0);
+    issue_rows<S, KV_BYTES, true>(stage, rows, p, head, t0);
   } else {
-    issue_rows<S, KV_BYTES, false>(stage, rows, p, kvh, t0);
+    issue_rows<S, KV_BYTES, false>(stage, rows, p, head, t0);
   }
 }
 
