@@ -159,3 +159,20 @@ def test_case_check_rejects_wrong_output(make_case):
     with pytest.raises(AssertionError, match="differs from the reference"):
         case.check(default)
     moe._weights.cache_clear()
+
+
+def test_up_candidates_get_a_down_tile_that_fits_their_block():
+    # The down entry tuned at a 64-row block (H200, Mixtral 1024 tokens): 64 x 256 on 4 warps is
+    # 128 accumulators a thread; behind a 128-row up tile it would hold 256 and spill.
+    shape = {"E": 8, "H": 4096, "I": 14336, "topk": 2, "dtype": "bfloat16", "quant": "none",
+             "tokens": 1024}
+    tuned = {"BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 4,
+             "num_stages": 4, "TMA": True, "prefetch": True}
+    assert moe.down_for_block(tuned, 64, shape) is tuned
+    fallback = moe.down_for_block(tuned, 128, shape)
+    assert fallback == kern.default_config(1024, 8, 2, "none", down=True)
+    assert fallback["BLOCK_SIZE_N"] * 128 // (32 * fallback["num_warps"]) <= 128
+    # 8 warps carry the 128-row block; 4 stages of 48 KB stay under the shared-memory cap.
+    eight = {**tuned, "num_warps": 8}
+    assert moe.down_for_block(eight, 128, shape) is eight
+    assert moe.down_for_block({**eight, "num_stages": 5}, 128, shape) != {**eight, "num_stages": 5}
