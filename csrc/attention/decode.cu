@@ -64,11 +64,13 @@ void check_cache(const at::Tensor& cache, const at::Tensor& q) {
                     "kv_cache must be contiguous within a token, got strides ", cache.strides());
   // cp.async moves 16-byte pieces: every row start must be 16-byte aligned.
   const int64_t e = cache.element_size();
-  // The loader's row address is a 32 x 32-bit product: a page (and a token) must span < 4 GiB.
-  TORCH_CHECK_VALUE(cache.stride(0) >= 0 && cache.stride(0) * e < (int64_t{1} << 32) &&
-                        cache.stride(2) >= 0 && cache.stride(2) * e < (int64_t{1} << 32),
-                    "kv_cache page and token strides must be below 4 GiB, got strides ",
-                    cache.strides());
+  // The loader's row address is page * page stride + slot * token stride in 32-bit factors:
+  // the page stride and a page's token span must stay below 4 GiB.
+  const int64_t k4g = int64_t{1} << 32;
+  TORCH_CHECK_VALUE(cache.stride(0) >= 0 && cache.stride(0) * e < k4g && cache.stride(2) >= 0 &&
+                        cache.size(2) * cache.stride(2) * e < k4g,
+                    "kv_cache page stride and page_size x token stride must be below 4 GiB, "
+                    "got strides ", cache.strides());
   bool aligned = reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0;
   for (int i = 0; i < 3; ++i) aligned = aligned && (cache.stride(i) * e) % 16 == 0;
   TORCH_CHECK_VALUE(aligned, "kv_cache pages, K/V halves and tokens must start at 16-byte "
