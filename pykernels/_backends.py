@@ -26,6 +26,14 @@ def hopper_or_newer(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def tma_ready(t: torch.Tensor) -> bool:
+    """`t` can back a TMA descriptor: on a Hopper (or newer) GPU, with a contiguous last
+    dimension, a 16-byte aligned base and every other stride a multiple of 16 bytes."""
+    size = t.element_size()
+    return (t.is_cuda and hopper_or_newer(t.device.index) and t.stride(-1) == 1
+            and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+
+
 # Backends that run only on CUDA tensors (triton too, unless TRITON_INTERPRET=1).
 _CUDA_ONLY = {"cuda", "fi", "fa"}
 

@@ -40,7 +40,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from autotune import Tunable
 from autotune.space import force_prefetch_off
 from pykernels import envs
-from pykernels._backends import hopper_or_newer
+from pykernels._backends import tma_ready
 from pykernels.moe import quant
 from pykernels.moe.quant import Fp8
 
@@ -282,13 +282,6 @@ def _stages(cfg: dict) -> int:
     return cfg["num_stages"] if cfg.get("prefetch", True) else 1
 
 
-def _tma_ok(b: torch.Tensor, k: int) -> bool:
-    """Weight tiles by TMA: a Hopper (or newer) GPU, 16-byte aligned base and strides."""
-    size = b.element_size()
-    return (b.is_cuda and hopper_or_newer(b.device.index) and b.data_ptr() % 16 == 0
-            and all(s * size % 16 == 0 for s in b.stride()[:2]) and k * size >= 16)
-
-
 def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_div: int,
           gated: bool, cfg: dict) -> None:
     bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
@@ -298,7 +291,7 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
     stride_bse = b_scale.stride(0) if fp8 else 0
     stride_bsn = b_scale.stride(1) if fp8 and b_scale.dim() == 2 else 0
     bd = b
-    tma = cfg.get("TMA", False) and _tma_ok(b, k)
+    tma = cfg.get("TMA", False) and tma_ready(b) and k * b.element_size() >= 16
     if tma:
         e = b.shape[0]
         if gated:

@@ -48,7 +48,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pykernels import envs
-from pykernels._backends import hopper_or_newer
+from pykernels._backends import tma_ready
 from pykernels.quant import tunables
 
 PANEL = 128  # the packed K panel width (and the group size)
@@ -232,12 +232,6 @@ def _reduction(splits: int, deterministic: bool) -> str:
     return "atomic" if envs.VLLM_MARLIN_USE_ATOMIC_ADD and not deterministic else "partials"
 
 
-def _tma_ok(x2d: torch.Tensor) -> bool:
-    """TMA tiles: a Hopper (or newer) GPU, x 16-byte aligned with a 16-byte multiple row stride."""
-    return (x2d.is_cuda and hopper_or_newer(x2d.device.index) and x2d.data_ptr() % 16 == 0
-            and (x2d.stride(0) * x2d.element_size()) % 16 == 0)
-
-
 # ---- launch -------------------------------------------------------------------------------------
 
 def gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, *,
@@ -275,7 +269,7 @@ def gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: to
     # dtype only).
     gpu = x2d.is_cuda and x2d.dtype in _CVT_BIAS
     xa, wa = x2d, qweight
-    tma = cfg.get("TMA", False) and _tma_ok(x2d)
+    tma = cfg.get("TMA", False) and tma_ready(x2d)
     if tma:
         xa = TensorDescriptor(x2d, [m, k], [x2d.stride(0), 1], [bm, bk])
         w2d = qweight.view(-1, PANEL)

@@ -87,3 +87,20 @@ def check(x, w1, w2, tw, ti, backend="triton", **kw):
                          act_dtype=x.dtype)
     close(got, want, (TORCH_TOL if backend == "torch" else TOL)[x.dtype])
     return got
+
+
+def check_fp8(x, wf1, wf2, E, topk, per_channel, static, a2):
+    """fp8 w8a8 against dequantize-then-matmul, Triton and torch backends: weights quantized per
+    expert or per channel, activation scales dynamic or static (a1 from x, a2 given). Returns
+    the fp8 reference and the routing, for checks against the unquantized layer."""
+    (w1, s1), (w2, s2) = quantize_weight(wf1, per_channel), quantize_weight(wf2, per_channel)
+    a1 = (x.float().abs().amax() / quant.FP8_MAX).reshape(1) if static else None
+    a2 = torch.tensor([a2], device=x.device) if static else None
+    tw, ti = make_routing(x.shape[0], E, topk, x.device)
+    kw = dict(use_fp8_w8a8=True, per_channel_quant=per_channel, w1_scale=s1, w2_scale=s2,
+              a1_scale=a1, a2_scale=a2)
+    want = ref.fused_moe(x, w1, w2, tw, ti, w1_scale=s1, w2_scale=s2, a1_scale=a1,
+                         a2_scale=a2, act_dtype=x.dtype)
+    close(run(x, w1, w2, tw, ti, "triton", **kw), want, FP8_TOL)
+    close(run(x, w1, w2, tw, ti, "torch", **kw), want, TORCH_FP8_TOL)
+    return want, tw, ti

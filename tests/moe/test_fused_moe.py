@@ -12,12 +12,11 @@ from pykernels.moe import distribution, fused_moe, quant, ref
 from pykernels.moe import fused_moe_triton as kern
 from tests.moe._fused_cases import (
     CPU_ONLY,
-    FP8_TOL,
     TOL,
-    TORCH_FP8_TOL,
     TORCH_TOL,
     _own_cache,  # noqa: F401 (an autouse fixture)
     check,
+    check_fp8,
     close,
     make_routing,
     make_weights,
@@ -161,19 +160,9 @@ def test_auto_on_cpu_is_torch_and_empty_batch():
 def test_fp8_cpu(per_channel, static):
     """fp8 GEMMs in the interpreter (activation quantization by the torch path on CPU tensors)
     and the torch backend, against dequantize-then-matmul."""
-    m = 17
     wf1, wf2 = make_weights(E, H, I, torch.float32)
-    (w1, s1), (w2, s2) = quantize_weight(wf1, per_channel), quantize_weight(wf2, per_channel)
-    x = torch.randn(m, H).half()
-    a1 = (x.float().abs().amax() / quant.FP8_MAX).reshape(1) if static else None
-    a2 = torch.tensor([0.01]) if static else None
-    tw, ti = make_routing(m, E, TOPK)
-    kw = dict(use_fp8_w8a8=True, per_channel_quant=per_channel, w1_scale=s1, w2_scale=s2,
-              a1_scale=a1, a2_scale=a2)
-    want = ref.fused_moe(x, w1, w2, tw, ti, w1_scale=s1, w2_scale=s2, a1_scale=a1,
-                         a2_scale=a2, act_dtype=x.dtype)
-    close(run(x, w1, w2, tw, ti, "triton", **kw), want, FP8_TOL)
-    close(run(x, w1, w2, tw, ti, "torch", **kw), want, TORCH_FP8_TOL)
+    x = torch.randn(17, H).half()
+    want, tw, ti = check_fp8(x, wf1, wf2, E, TOPK, per_channel, static, a2=0.01)
     # and the fp8 reference stays near the unquantized one (the scales are applied right)
     close(want, ref.fused_moe(x, wf1, wf2, tw, ti), (0.5, 0.2))
 
