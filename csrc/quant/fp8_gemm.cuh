@@ -298,12 +298,21 @@ __device__ __forceinline__ bool reduce_splits(const Params& p, float (&acc)[NF][
       __stcg(mine + f * kThreads + tid, make_float4(acc[f][0], acc[f][1], acc[f][2], acc[f][3]));
     }
   }
-  __threadfence();  // our partials are visible before the counter says so
+  // One gpu-scope acquire-release atomic by thread 0 after the barrier publishes the whole
+  // CTA's partials (release is cumulative over the writes the barrier ordered before it) and, in
+  // the last CTA, makes the other splits' partials visible to every thread past the next barrier
+  // (CUTLASS's semaphore does the same). It replaced a __threadfence (MEMBAR.SC.GPU) in every
+  // thread before the counter and after it: H200, same call, tuned configs, 1-5% faster at
+  // M <= 64 on the split-K shapes (8192^2 M = 1 20.15 -> 19.89 us, 4096^2 M = 64 15.30 -> 14.70).
   __syncthreads();
-  if (tid == 0) is_last = atomicAdd(p.locks + tile, 1) == p.splits - 1;
+  if (tid == 0) {
+    int old;
+    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(old) : "l"(p.locks + tile)
+                 : "memory");
+    is_last = old == p.splits - 1;
+  }
   __syncthreads();
   if (!is_last) return false;
-  __threadfence();
   const int parts = p.atomic ? 1 : p.splits;
   const float4* src = base + (int64_t)tile * parts * NF * kThreads;
 #pragma unroll
