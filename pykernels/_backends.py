@@ -19,11 +19,17 @@ from pykernels import envs
 from pykernels._ops import BackendUnavailable
 
 
-@functools.cache
 def hopper_or_newer(index: int | None) -> bool:
     """An sm_90+ GPU at CUDA device `index` (None: the current one): TMA, wgmma, programmatic
-    dependent launch. Cached: a capability query costs ~10 us of host time."""
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    dependent launch."""
+    return _major(torch.cuda.current_device() if index is None else index) >= 9
+
+
+@functools.cache
+def _major(index: int) -> int:
+    # Cached per concrete device (a capability query costs ~10 us of host time); a cache keyed
+    # by None would keep the first current device's answer after the current device changed.
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def tma_ready(t: torch.Tensor) -> bool:
