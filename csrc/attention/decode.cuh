@@ -129,7 +129,6 @@ __global__ void __launch_bounds__(128, STAGES == 2 && HEAD_DIM <= 128 ? 3 : 2)
   constexpr bool kFp8 = sizeof(KV) == 1;
   static_assert(S::kThreads == 128, "launch bounds assume 4 warps");
   extern __shared__ __align__(16) char smem[];
-  __shared__ int is_last;
   char* q_s = smem;
   char* pipe = smem + S::kQBytes;
   char* wide = pipe + S::kStages * S::kStageBytes;  // fp8: the current tile widened
@@ -246,13 +245,8 @@ __global__ void __launch_bounds__(128, STAGES == 2 && HEAD_DIM <= 128 ? 3 : 2)
   if (p.num_splits == 1) return;
 
   // Split merge: publish this CTA's partials, count arrivals; the last arrival merges.
-  __threadfence();
-  __syncthreads();
   const int counter = b * gridDim.y + blockIdx.y;
-  if (threadIdx.x == 0) is_last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!arrive_last(p.counters + counter, p.num_splits)) return;
   merge_splits<T, HEAD_DIM, S::kThreads>(p, weights, b, qh0, heads);
   if (threadIdx.x == 0) p.counters[counter] = 0;  // ready for the next launch (graph replays)
 }

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "../common/vec.cuh"
+#include "../common/arrival.cuh"
 #include "../common/async_copy.cuh"
 #include "../common/mma.cuh"
 

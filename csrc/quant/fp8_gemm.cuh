@@ -30,6 +30,7 @@
 
 #include <cstdint>
 
+#include "../common/arrival.cuh"
 #include "../common/async_copy.cuh"
 #include "../common/mma.cuh"
 #include "../common/vec.cuh"
@@ -282,7 +283,6 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[M
 template <int NF>
 __device__ __forceinline__ bool reduce_splits(const Params& p, float (&acc)[NF][4], int tile,
                                               int split) {
-  __shared__ int is_last;
   const int tid = threadIdx.x;
   float4* base = reinterpret_cast<float4*>(p.partial);
   if (p.atomic) {
@@ -298,21 +298,7 @@ __device__ __forceinline__ bool reduce_splits(const Params& p, float (&acc)[NF][
       __stcg(mine + f * kThreads + tid, make_float4(acc[f][0], acc[f][1], acc[f][2], acc[f][3]));
     }
   }
-  // One gpu-scope acquire-release atomic by thread 0 after the barrier publishes the whole
-  // CTA's partials (release is cumulative over the writes the barrier ordered before it) and, in
-  // the last CTA, makes the other splits' partials visible to every thread past the next barrier
-  // (CUTLASS's semaphore does the same). It replaced a __threadfence (MEMBAR.SC.GPU) in every
-  // thread before the counter and after it: H200, same call, tuned configs, 1-5% faster at
-  // M <= 64 on the split-K shapes (8192^2 M = 1 20.15 -> 19.89 us, 4096^2 M = 64 15.30 -> 14.70).
-  __syncthreads();
-  if (tid == 0) {
-    int old;
-    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(old) : "l"(p.locks + tile)
-                 : "memory");
-    is_last = old == p.splits - 1;
-  }
-  __syncthreads();
-  if (!is_last) return false;
+  if (!arrive_last(p.locks + tile, p.splits)) return false;
   const int parts = p.atomic ? 1 : p.splits;
   const float4* src = base + (int64_t)tile * parts * NF * kThreads;
 #pragma unroll
