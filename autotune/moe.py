@@ -268,6 +268,7 @@ def down_case(shape: dict, device: str) -> Case:
     acts = []  # each set's SiLU output, computed once at the up config
     for i, (x, _, _) in enumerate(layer.sets):
         r = layer.routing(up_cfg["BLOCK_SIZE_M"])[i]
+        layer.ws.act_rows(r.em)  # (and the fp8 copy the down stage quantizes into)
         act = torch.empty_like(layer.ws.act)
         kern.up_stage(x, layer.w1, act, r, topk, up_cfg, layer.fp8_1, layer.ws.xq, layer.ws.xs)
         acts.append(act)

@@ -16,8 +16,8 @@ from pathlib import Path
 def compile_sm90(fn, sig: dict, const: dict, aligned: list[str], warps: int,
                  stages: int) -> dict:
     """The kernel `fn` compiled for sm_90a with the `aligned` arguments marked 16-divisible:
-    cubin registers and stack bytes, whether the main loop became async copies (pipelined) and
-    wgmma, and the PTX."""
+    cubin registers and stack bytes, whether the main loop was pipelined (`pipelined`) and
+    became wgmma, and the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,9 +35,16 @@ def compile_sm90(fn, sig: dict, const: dict, aligned: list[str], warps: int,
                        for flag in ("--dump-resource-usage", "-sass"))
     regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
     ttgir = out.asm["ttgir"]
-    return {"regs": regs, "stack": stack, "pipelined": "async_copy" in ttgir,
+    return {"regs": regs, "stack": stack, "pipelined": pipelined(ttgir),
             "wgmma": "warp_group_dot" in ttgir, "ptx": out.asm["ptx"],
             "hazards": wgmma_register_hazards(sass)}
+
+
+def pipelined(ttgir: str) -> bool:
+    """Loads in flight across K steps: cp.async copies (triton emits them only for a pipelined
+    loop), or TMA copies into a ring of stage buffers (an unpipelined TMA load is one copy
+    into one buffer, waited for at once: no `memdesc_index` into a ring)."""
+    return "async_copy" in ttgir or ("async_tma_copy" in ttgir and "memdesc_index" in ttgir)
 
 
 def wgmma_register_hazards(sass: str) -> list[str]:

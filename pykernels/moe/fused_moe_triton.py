@@ -4,11 +4,15 @@ A token's k routed copies are "slots" ``t * topk + j``. ``moe_align_block_size``
 by expert and pads each group to a multiple of BLOCK_SIZE_M, so every block of BLOCK_SIZE_M
 sorted slots belongs to one expert. Per chunk of tokens:
 
-1. up: ``act[slot] = silu(x[t] W1g_e^T) * (x[t] W1u_e^T)`` for the BLOCK_SIZE_N act columns of
-   the program. The program's B tile interleaves the gate and up rows (n and I + n of w1) in one
-   accumulator, so SiLU-and-mul runs in the epilogue on fp32 values: the [slots, 2I]
-   pre-activation never reaches memory and one launch is saved.
-2. down: ``y[slot] = w[slot] * act[slot] W2_e^T`` (routed weight in the epilogue, fp32).
+1. up: ``act[i] = silu(x[t] W1g_e^T) * (x[t] W1u_e^T)`` for the BLOCK_SIZE_N act columns of
+   the program, where i is the slot's position in the sorted order (padding positions are
+   left unwritten: GEMM 2 reads them only into rows it does not store). The program's B tile interleaves the
+   gate and up rows (n and I + n of w1) in one accumulator, so SiLU-and-mul runs in the
+   epilogue on fp32 values: the [slots, 2I] pre-activation never reaches memory and one launch
+   is saved.
+2. down: ``y[slot] = w[slot] * act[i] W2_e^T`` (routed weight in the epilogue, fp32). A block's
+   act rows are contiguous, so with ``TMA`` they come in by tensor-memory-access tiles like the
+   weights (the up GEMM's rows, gathered from x, cannot: Hopper's TMA has no row gather).
 3. ``out[t] = sum_j y[t * topk + j]`` in fp32 over the slots whose id is in range: a token
    routed nowhere (id -1, or out of range) adds nothing, though no GEMM wrote its slot.
 
@@ -69,11 +73,13 @@ def _moe_gemm_kernel(
     stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse, stride_bsn,
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, B_TMA: tl.constexpr,
-    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-    GROUP_SIZE_M: tl.constexpr,
+    A_TMA: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
 ):
-    """C[slot, n] = A[slot // ROW_DIV] . B[expert, n] (GATED: silu(gate) * up of rows n, N + n).
-    A, B have a contiguous K dimension; B is [E, N (2N when GATED), K]."""
+    """Row i of the sorted order holds slot s_i of expert e. GATED (GEMM 1):
+    C[i, n] = silu(g) * u with g, u = A[s_i // ROW_DIV] . B[e, n], B[e, N + n] (A gathered).
+    Else (GEMM 2): C[s_i, n] = A[i] . B[e, n] (times the routed weight of s_i): A's rows are the
+    block's own, contiguous. A, B have a contiguous K dimension; B is [E, N (2N if GATED), K]."""
     pid_m, pid_n = _tile(tl.program_id(0), em, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
     if pid_m * BLOCK_SIZE_M >= tl.load(total_ptr):
         return
@@ -83,13 +89,14 @@ def _moe_gemm_kernel(
     offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert == -1:  # not a local expert: its slots contribute zero
-        zeros = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty)
-        tl.store(c_ptr + slot[:, None] * stride_cm + offs_cn[None, :], zeros,
-                 mask=valid[:, None] & (offs_cn[None, :] < N))
+        if not GATED:  # (GEMM 1 writes nothing: GEMM 2 never reads such a block's rows)
+            zeros = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty)
+            tl.store(c_ptr + slot[:, None] * stride_cm + offs_cn[None, :], zeros,
+                     mask=valid[:, None] & (offs_cn[None, :] < N))
         return
-    # Padding slots read row 0 (in bounds, never stored): no token mask in the main loop.
-    row = tl.where(valid, slot // ROW_DIV, 0)
     if GATED:
+        # Padding slots read row 0 (in bounds; their act rows are not written).
+        row = tl.where(valid, slot // ROW_DIV, 0)
         # One B tile of 2 * BLOCK_SIZE_N w1 rows: BLOCK_SIZE_N gate rows n_j, then the up rows
         # N + n_j. One dot, so each warpgroup issues a wgmma twice as wide (n128/n256 instead
         # of two n64/n128 reading the same A from shared memory); the wgmma accumulator holds
@@ -99,15 +106,19 @@ def _moe_gemm_kernel(
         offs_b = tl.arange(0, 2 * BLOCK_SIZE_N)
         offs_bn = (pid_n * BLOCK_SIZE_N + offs_b % BLOCK_SIZE_N) % N + (offs_b // BLOCK_SIZE_N) * N
     else:
+        row = offs_m.to(tl.int64)
         offs_bn = offs_cn % N  # columns past N wrap onto real rows (masked at the store)
     BN_B: tl.constexpr = 2 * BLOCK_SIZE_N if GATED else BLOCK_SIZE_N
     offs_k = tl.arange(0, BLOCK_SIZE_K)
-    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+    if not A_TMA:
+        a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
     if not B_TMA:
         b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None]
     acc = tl.zeros((BLOCK_SIZE_M, BN_B), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
-        if EVEN_K:
+        if A_TMA:  # a_ptr: a descriptor of A [em, K]; columns past K read as zero
+            a = a_ptr.load([pid_m * BLOCK_SIZE_M, kb * BLOCK_SIZE_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < K - kb * BLOCK_SIZE_K, other=0.0)
@@ -124,7 +135,8 @@ def _moe_gemm_kernel(
         else:
             b = tl.load(b_ptrs, mask=offs_k[:, None] < K - kb * BLOCK_SIZE_K, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_SIZE_K
+        if not A_TMA:
+            a_ptrs += BLOCK_SIZE_K
         if not B_TMA:
             b_ptrs += BLOCK_SIZE_K
     if USE_FP8:  # per-tensor scales come with stride 0
@@ -134,12 +146,21 @@ def _moe_gemm_kernel(
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_SIZE_M, 2, BLOCK_SIZE_N)),
                                        (0, 2, 1)))
         acc = gate * tl.sigmoid(gate) * up
-    if MUL_ROUTED_WEIGHT:
-        acc = acc * tl.load(topk_w_ptr + slot, mask=valid, other=0.0)[:, None]
-    # The [BLOCK_SIZE_M, BLOCK_SIZE_N] output pointers are formed here, not before the loop:
-    # live through it they cost registers the accumulator needs (128x256 tiles spilled).
-    c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_cn[None, :] < N))
+        # Padding rows are not written: GEMM 2 reads them (whatever they hold) only into
+        # output rows it never stores. Writing them cost Qwen3-30B-A3B 0.6 us at 1 token
+        # (128 blocks of 16 rows, one slot each: 16x the act bytes; H200).
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_cn[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_cn[None, :] < N))
+    else:
+        if MUL_ROUTED_WEIGHT:
+            acc = acc * tl.load(topk_w_ptr + slot, mask=valid, other=0.0)[:, None]
+        # The [BLOCK_SIZE_M, BLOCK_SIZE_N] output pointers are formed here, not before the
+        # loop: live through it they cost registers the accumulator needs (128x256 tiles
+        # spilled).
+        c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_cn[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_cn[None, :] < N))
 
 
 @triton.jit
@@ -290,7 +311,7 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
     stride_asm = a_scale.stride(0) if fp8 and a_scale.numel() > 1 else 0
     stride_bse = b_scale.stride(0) if fp8 else 0
     stride_bsn = b_scale.stride(1) if fp8 and b_scale.dim() == 2 else 0
-    bd = b
+    ad, bd = a, b
     tma = cfg.get("TMA", False) and tma_ready(b) and k * b.element_size() >= 16
     if tma:
         e = b.shape[0]
@@ -299,34 +320,43 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
                                   [1, 2, bn, bk])
         else:
             bd = TensorDescriptor(b, [e, n, k], [b.stride(0), b.stride(1), 1], [1, bn, bk])
+    # GEMM 2's rows are the block's own (sorted order): one TMA tile a K step.
+    a_tma = tma and not gated and tma_ready(a)
+    if a_tma:
+        ad = TensorDescriptor(a, [a.shape[0], k], [a.stride(0), 1], [r.block_m, bk])
     _moe_gemm_kernel[grid](
-        a, bd, c, a_scale if fp8 else c, b_scale if fp8 else c,
+        ad, bd, c, a_scale if fp8 else c, b_scale if fp8 else c,
         topk_w if topk_w is not None else c, r.sorted_ids, r.expert_ids, r.total,
         n, k, r.em, r.num_valid,
         a.stride(0), b.stride(0), b.stride(1), c.stride(0), stride_asm, stride_bse, stride_bsn,
         ROW_DIV=row_div, GATED=gated, MUL_ROUTED_WEIGHT=topk_w is not None, USE_FP8=fp8,
         EVEN_K=k % bk == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        B_TMA=tma, BLOCK_SIZE_M=r.block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
+        B_TMA=tma, A_TMA=a_tma, BLOCK_SIZE_M=r.block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
         GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"], num_stages=_stages(cfg),
     )
 
 
 def up_stage(x, w1, act, r: Routing, topk: int, cfg: dict, fp8: Fp8 | None = None,
              xq=None, xs=None) -> None:
-    """act [slots, I] = silu(x W1g^T) * (x W1u^T) per slot's expert (x [m, H] rows)."""
+    """act [r.em, I]: row i = silu(x W1g^T) * (x W1u^T) of sorted slot i's token and expert
+    (x [m, H] rows); padding rows are left as they were."""
+    if act.shape[0] < r.em:
+        raise ValueError(f"act needs {r.em} rows (the padded slot bound), has {act.shape[0]}")
     a, a_scale = x, None
     if fp8 is not None:
         a, a_scale = quant.quantize_fp8(x, fp8.a_scale, out=xq, out_scale=xs)
-    _gemm(a, w1, act, a_scale, None if fp8 is None else fp8.w_scale, None, r,
+    _gemm(a, w1, act[:r.em], a_scale, None if fp8 is None else fp8.w_scale, None, r,
           w1.shape[1] // 2, w1.shape[2], row_div=topk, gated=True, cfg=cfg)
 
 
 def down_stage(act, w2, y, topk_weights, r: Routing, cfg: dict, fp8: Fp8 | None = None,
                aq=None, as_=None) -> None:
-    """y [slots, H] = topk_weight[slot] * act[slot] W2^T."""
-    a, a_scale = act, None
+    """y [slots, H]: row s = topk_weight[s] * act[i] W2^T for the sorted position i of slot s
+    (act as up_stage wrote it; aq, as_: its fp8 copy and row scales, r.em rows)."""
+    a, a_scale = act[:r.em], None
     if fp8 is not None:
-        a, a_scale = quant.quantize_fp8(act, fp8.a_scale, out=aq, out_scale=as_)
+        a, a_scale = quant.quantize_fp8(a, fp8.a_scale, out=_rows(aq, r.em),
+                                        out_scale=_rows(as_, r.em))
     _gemm(a, w2, y, a_scale, None if fp8 is None else fp8.w_scale, topk_weights, r,
           w2.shape[1], w2.shape[2], row_div=1, gated=False, cfg=cfg)
 
@@ -340,19 +370,29 @@ def lookup(tokens: int, w1: torch.Tensor, w2: torch.Tensor, topk: int, dtype: to
 
 
 class Workspace:
-    """Intermediate buffers for chunks of up to `rows` tokens, allocated once per call."""
+    """Intermediate buffers for chunks of up to `rows` tokens, allocated once per call; the
+    act buffers (one row per sorted slot position, so up to r.em rows: slots plus each expert's
+    padding) grow to the largest routing they meet (`act_rows`)."""
 
     def __init__(self, rows: int, topk: int, inter: int, hidden: int, dtype: torch.dtype,
                  device: torch.device, fp8: bool):
         slots = rows * topk
-        self.act = torch.empty(slots, inter, dtype=dtype, device=device)
         self.y = torch.empty(slots, hidden, dtype=dtype, device=device)
-        self.xq = self.xs = self.aq = self.as_ = None
+        self._inter, self._dtype, self._device, self._fp8 = inter, dtype, device, fp8
+        self.act = self.aq = self.as_ = None
+        self.xq = self.xs = None
         if fp8:
             self.xq = torch.empty(rows, hidden, dtype=quant.FP8_DTYPE, device=device)
             self.xs = torch.empty(rows, dtype=torch.float32, device=device)
-            self.aq = torch.empty(slots, inter, dtype=quant.FP8_DTYPE, device=device)
-            self.as_ = torch.empty(slots, dtype=torch.float32, device=device)
+
+    def act_rows(self, em: int) -> None:
+        """Makes act (and the fp8 copy and scales) at least `em` rows."""
+        if self.act is not None and self.act.shape[0] >= em:
+            return
+        self.act = torch.empty(em, self._inter, dtype=self._dtype, device=self._device)
+        if self._fp8:
+            self.aq = torch.empty(em, self._inter, dtype=quant.FP8_DTYPE, device=self._device)
+            self.as_ = torch.empty(em, dtype=torch.float32, device=self._device)
 
 
 def topk_sum(out: torch.Tensor, y: torch.Tensor, r: Routing) -> None:
@@ -372,11 +412,10 @@ def run_routed(out, x, w1, w2, topk_weights, r: Routing, ws: Workspace, up_cfg: 
                down_cfg: dict, fp8_1: Fp8 | None = None, fp8_2: Fp8 | None = None) -> None:
     """The timed part (align done): up (+SiLU), down (+routed weight), top-k sum into out."""
     m, topk = topk_weights.shape
-    slots = m * topk
-    act, y = ws.act[:slots], ws.y[:slots]
-    up_stage(x, w1, act, r, topk, up_cfg, fp8_1, _rows(ws.xq, m), _rows(ws.xs, m))
-    down_stage(act, w2, y, topk_weights, r, down_cfg, fp8_2, _rows(ws.aq, slots),
-               _rows(ws.as_, slots))
+    ws.act_rows(r.em)
+    y = ws.y[:m * topk]
+    up_stage(x, w1, ws.act, r, topk, up_cfg, fp8_1, _rows(ws.xq, m), _rows(ws.xs, m))
+    down_stage(ws.act, w2, y, topk_weights, r, down_cfg, fp8_2, ws.aq, ws.as_)
     topk_sum(out, y, r)
 
 

@@ -195,17 +195,21 @@ def _compile_sm90(gated: bool, fp8: bool, block: tuple, tma: bool = False,
     fn, act, w = kern._moe_gemm_kernel, "*bf16", "*fp8e4nv" if fp8 else "*bf16"
     aux = "*fp32" if fp8 else act
     bm, bn, bk, group, warps, stages = block
-    b = w
+    a, b = w, w
+    elt = "fp8e4nv" if fp8 else "bf16"
     if tma:  # the weight's descriptor: [E, 2, N, K] gated, [E, N, K] otherwise
         box = [1, 2, bn, bk] if gated else [1, bn, bk]
-        b = f"tensordesc<{'fp8e4nv' if fp8 else 'bf16'}{box}>"
-    sig = {"a_ptr": w, "b_ptr": b, "c_ptr": act, "a_scale_ptr": aux, "b_scale_ptr": aux,
+        b = f"tensordesc<{elt}{box}>"
+    a_tma = tma and not gated  # GEMM 2's sorted rows come by TMA with the weights (as launched)
+    if a_tma:
+        a = f"tensordesc<{elt}{[bm, bk]}>"
+    sig = {"a_ptr": a, "b_ptr": b, "c_ptr": act, "a_scale_ptr": aux, "b_scale_ptr": aux,
            "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
            "total_ptr": "*i32", **{n: "i32" for n in fn.arg_names[9:20]}}
     const = dict(ROW_DIV=2 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
-                 USE_FP8=fp8, EVEN_K=even_k, DOT_PRECISION="tf32", B_TMA=tma, BLOCK_SIZE_M=bm,
-                 BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group)
-    aligned = [n for n in sig if n.endswith("_ptr") and not (tma and n == "b_ptr")] + \
+                 USE_FP8=fp8, EVEN_K=even_k, DOT_PRECISION="tf32", B_TMA=tma, A_TMA=a_tma,
+                 BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group)
+    aligned = [n for n in sig if n.endswith("_ptr") and not sig[n].startswith("tensordesc")] + \
         ["N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm"]
     r = compile_sm90(fn, sig, const, aligned, warps, stages)
     return r["regs"], r["stack"], r["pipelined"], r["wgmma"]
@@ -221,6 +225,8 @@ SM90_TILES = [  # (gated, fp8, (BM, BN, BK, GROUP_SIZE_M, warps, stages), TMA, u
     (True, False, (128, 128, 64, 16, 8, 3), True, True),
     (False, False, (128, 256, 64, 16, 8, 4), True, True),
     (True, True, (64, 64, 128, 16, 4, 3), True, True),
+    # GEMM 2 with its act rows by TMA too, bf16 and fp8 (Qwen3's short K: 768).
+    (False, True, (64, 128, 128, 1, 4, 3), True, True),
 ]
 
 
