@@ -4,6 +4,10 @@ hidden states, the backends at a bench shape and CUDA-graph replay."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -29,6 +33,9 @@ MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768),
 _WEIGHTS: dict = {}
 
 
+_BIG = 8 << 30  # bytes of weights above which pytest workers take turns
+
+
 def gpu_weights(E, H, I, dtype=torch.bfloat16):  # noqa: E741
     """One model's weights at a time (DeepSeek's are 22 GB in bf16)."""
     key = (E, H, I, dtype)
@@ -39,14 +46,32 @@ def gpu_weights(E, H, I, dtype=torch.bfloat16):  # noqa: E741
     return _WEIGHTS[key]
 
 
+@contextlib.contextmanager
+def weights_turn(E, H, I, dtype=torch.bfloat16):  # noqa: E741
+    """gpu_weights, but weights over 8 GB are held by one pytest worker at a time (a file lock)
+    and freed after the test: four workers each holding DeepSeek's 22 GB ran an 80 GB H100 out
+    of memory."""
+    if 3 * E * H * I * dtype.itemsize <= _BIG:
+        yield gpu_weights(E, H, I, dtype)
+        return
+    from filelock import FileLock  # a torch dependency
+
+    with FileLock(os.path.join(tempfile.gettempdir(), "pykernels-test-big-weights.lock")):
+        try:
+            yield gpu_weights(E, H, I, dtype)
+        finally:
+            _WEIGHTS.clear()
+            torch.cuda.empty_cache()
+
+
 @gpu
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("m", [1, 16, 64, 256, 1024])
 def test_gpu_bench_shapes(model, m):
     E_, k, h, i = MODELS[model]
-    w1, w2 = gpu_weights(E_, h, i)
-    tw, ti = make_routing(m, E_, k, "cuda")
-    check(torch.randn(m, h, device="cuda").bfloat16(), w1, w2, tw, ti)
+    with weights_turn(E_, h, i) as (w1, w2):
+        tw, ti = make_routing(m, E_, k, "cuda")
+        check(torch.randn(m, h, device="cuda").bfloat16(), w1, w2, tw, ti)
 
 
 @gpu
