@@ -25,6 +25,13 @@ def hopper_or_newer(index: int | None) -> bool:
     return _major(torch.cuda.current_device() if index is None else index) >= 9
 
 
+def pdl_ready(device: torch.device) -> bool:
+    """Programmatic dependent launch for kernels on `device` (Hopper and newer, unless
+    PYKERNELS_ENABLE_PDL=0): such a kernel is scheduled while the one before it finishes and
+    waits (`gdc_wait`) before it touches memory that kernel may write or read."""
+    return device.type == "cuda" and hopper_or_newer(device.index) and envs.PYKERNELS_ENABLE_PDL
+
+
 @functools.cache
 def _major(index: int) -> int:
     # Cached per concrete device (a capability query costs ~10 us of host time); a cache keyed

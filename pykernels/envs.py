@@ -95,8 +95,8 @@ register("TRITON_DISABLE_MACA_OPT_MMA_PREFETCH", bool, False,
          "single-stage main loop without cp.async prefetch), overriding tuned configs.")
 register("PYKERNELS_ENABLE_PDL", bool, True,
          "Programmatic dependent launch (Hopper and newer) where a kernel uses it (the Triton "
-         "split-KV decode's split and merge kernels). 0 launches them plainly, e.g. for a tool "
-         "that cannot follow it.")
+         "split-KV decode's split and merge kernels; fused_moe's two GEMMs and top-k sum). 0 "
+         "launches them plainly, e.g. for a tool that cannot follow it.")
 register("PYKERNELS_CACHE_DIR", str, "~/.cache/pykernels",
          "Root of the on-disk caches: autotune/ (tuned configs, runs/) and jit/ (CUDA builds).")
 register("PYKERNELS_LOG_LEVEL", str, "WARNING",

@@ -20,8 +20,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from autotune import Tunable
-from pykernels import envs
-from pykernels._backends import hopper_or_newer
+from pykernels._backends import pdl_ready
 from pykernels.attention import _common
 
 
@@ -196,7 +195,7 @@ def decode(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, table: _c
     chunks = -(-group // cfg["BLOCK_H"])
     qk_scale, cap_scale = params.qk_scale_log2()
     direct = splits == 1
-    pdl = _pdl(q.device)
+    pdl = pdl_ready(q.device)
     po = out if direct else work.partial_o
     plse = out if direct else work.partial_lse
     _decode_split_kernel[(splits, kv_cache.shape[3] * chunks, batch)](
@@ -226,10 +225,3 @@ def merge_block_d(head_dim: int, rows: int, sms: int) -> int:
     while slices * rows < sms and head_dim // (2 * slices) >= 32:
         slices *= 2
     return head_dim // slices
-
-
-def _pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch (Hopper and newer, PYKERNELS_ENABLE_PDL): each kernel is
-    scheduled while the one before it finishes (the merge during the splits' last programs, the
-    split kernel during the previous kernel) and waits (gdc_wait) before it touches memory."""
-    return device.type == "cuda" and hopper_or_newer(device.index) and envs.PYKERNELS_ENABLE_PDL

@@ -6,10 +6,10 @@ sorted slots belongs to one expert. Per chunk of tokens:
 
 1. up: ``act[i] = silu(x[t] W1g_e^T) * (x[t] W1u_e^T)`` for the BLOCK_SIZE_N act columns of
    the program, where i is the slot's position in the sorted order (padding positions are
-   left unwritten: GEMM 2 reads them only into rows it does not store). The program's B tile interleaves the
-   gate and up rows (n and I + n of w1) in one accumulator, so SiLU-and-mul runs in the
-   epilogue on fp32 values: the [slots, 2I] pre-activation never reaches memory and one launch
-   is saved.
+   left unwritten: GEMM 2 reads them only into rows it does not store). The program's B tile
+   interleaves the gate and up rows (n and I + n of w1) in one accumulator, so SiLU-and-mul
+   runs in the epilogue on fp32 values: the [slots, 2I] pre-activation never reaches memory and
+   one launch is saved.
 2. down: ``y[slot] = w[slot] * act[i] W2_e^T`` (routed weight in the epilogue, fp32). A block's
    act rows are contiguous, so with ``TMA`` they come in by tensor-memory-access tiles like the
    weights (the up GEMM's rows, gathered from x, cannot: Hopper's TMA has no row gather).
@@ -39,12 +39,13 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from autotune import Tunable
 from autotune.space import force_prefetch_off
 from pykernels import envs
-from pykernels._backends import tma_ready
+from pykernels._backends import pdl_ready, tma_ready
 from pykernels.moe import quant
 from pykernels.moe.quant import Fp8
 
@@ -74,13 +75,15 @@ def _moe_gemm_kernel(
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, B_TMA: tl.constexpr,
     A_TMA: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Row i of the sorted order holds slot s_i of expert e. GATED (GEMM 1):
     C[i, n] = silu(g) * u with g, u = A[s_i // ROW_DIV] . B[e, n], B[e, N + n] (A gathered).
     Else (GEMM 2): C[s_i, n] = A[i] . B[e, n] (times the routed weight of s_i): A's rows are the
     block's own, contiguous. A, B have a contiguous K dimension; B is [E, N (2N if GATED), K]."""
     pid_m, pid_n = _tile(tl.program_id(0), em, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
+    if PDL:  # launched early: wait for the kernels before us (align, GEMM 1's act) first
+        gdc_wait()
     if pid_m * BLOCK_SIZE_M >= tl.load(total_ptr):
         return
     offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
@@ -139,6 +142,8 @@ def _moe_gemm_kernel(
             a_ptrs += BLOCK_SIZE_K
         if not B_TMA:
             b_ptrs += BLOCK_SIZE_K
+    if PDL:  # the next kernel may launch once every program is past its main loop
+        gdc_launch_dependents()
     if USE_FP8:  # per-tensor scales come with stride 0
         a_s = tl.load(a_scale_ptr + row * stride_asm)[:, None]
         acc = acc * a_s * tl.load(b_scale_ptr + expert * stride_bse + offs_bn * stride_bsn)[None, :]
@@ -165,8 +170,11 @@ def _moe_gemm_kernel(
 
 @triton.jit
 def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, H, num_experts, stride_out,
-                    TOPK: tl.constexpr, BLOCK: tl.constexpr):
+                    TOPK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, cols] = sum over j of y[t * TOPK + j, cols] where ids[t, j] is a real expert."""
+    if PDL:  # let the next kernel launch, then wait for GEMM 2's rows
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -312,6 +320,7 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
     stride_bse = b_scale.stride(0) if fp8 else 0
     stride_bsn = b_scale.stride(1) if fp8 and b_scale.dim() == 2 else 0
     ad, bd = a, b
+    pdl = pdl_ready(c.device)
     tma = cfg.get("TMA", False) and tma_ready(b) and k * b.element_size() >= 16
     if tma:
         e = b.shape[0]
@@ -332,7 +341,8 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
         ROW_DIV=row_div, GATED=gated, MUL_ROUTED_WEIGHT=topk_w is not None, USE_FP8=fp8,
         EVEN_K=k % bk == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         B_TMA=tma, A_TMA=a_tma, BLOCK_SIZE_M=r.block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=cfg["GROUP_SIZE_M"], num_warps=cfg["num_warps"], num_stages=_stages(cfg),
+        GROUP_SIZE_M=cfg["GROUP_SIZE_M"], PDL=pdl, num_warps=cfg["num_warps"],
+        num_stages=_stages(cfg), launch_pdl=pdl,
     )
 
 
@@ -402,9 +412,10 @@ def topk_sum(out: torch.Tensor, y: torch.Tensor, r: Routing) -> None:
     block = 1024  # 8 bf16 values (16 B) a thread at 4 warps
     while block > 128 and m * triton.cdiv(hidden, block) < 4 * 132:  # ~4 programs an SM
         block //= 2
+    pdl = pdl_ready(out.device)
     _moe_sum_kernel[(m, triton.cdiv(hidden, block))](
         y, r.topk_ids, out, hidden, r.num_experts, out.stride(0), TOPK=topk, BLOCK=block,
-        num_warps=max(1, block // 256),
+        PDL=pdl, num_warps=max(1, block // 256), launch_pdl=pdl,
     )
 
 

@@ -208,7 +208,8 @@ def _compile_sm90(gated: bool, fp8: bool, block: tuple, tma: bool = False,
            "total_ptr": "*i32", **{n: "i32" for n in fn.arg_names[9:20]}}
     const = dict(ROW_DIV=2 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
                  USE_FP8=fp8, EVEN_K=even_k, DOT_PRECISION="tf32", B_TMA=tma, A_TMA=a_tma,
-                 BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group)
+                 BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group,
+                 PDL=True)  # as launched on Hopper (PYKERNELS_ENABLE_PDL)
     aligned = [n for n in sig if n.endswith("_ptr") and not sig[n].startswith("tensordesc")] + \
         ["N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm"]
     r = compile_sm90(fn, sig, const, aligned, warps, stages)
