@@ -52,14 +52,17 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
 def git_revision() -> tuple[str, bool | str]:
     """(HEAD sha, dirty) of the checkout bench/ lives in.
 
-    A copied tree without .git (the GPU machines get one) records PYKERNELS_GIT_SHA when set,
-    with dirty unknown (""); else ("unknown", "").
+    PYKERNELS_GIT_SHA, when set, wins with dirty unknown (""): a tree copied to a GPU machine
+    may carry a `.git` from an earlier copy (run ids of one session all named its first sha).
+    Without it, git answers; a tree without .git records ("unknown", "").
     """
+    from pykernels import envs
+
+    if envs.PYKERNELS_GIT_SHA:
+        return envs.PYKERNELS_GIT_SHA, ""
     sha = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
     if not sha:
-        from pykernels import envs
-
-        return envs.PYKERNELS_GIT_SHA or "unknown", ""
+        return "unknown", ""
     # Untracked files (new result files, scratch scripts) do not change what was measured.
     dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT))
     return sha, dirty

@@ -102,8 +102,8 @@ register("PYKERNELS_CACHE_DIR", str, "~/.cache/pykernels",
 register("PYKERNELS_LOG_LEVEL", str, "WARNING",
          "Log level of the 'pykernels' loggers (DEBUG, INFO, WARNING, ERROR).")
 register("PYKERNELS_GIT_SHA", str, None,
-         "Git sha recorded in benchmark results where the tree has no .git (e.g. a copy on a "
-         "GPU machine); unset: asked from git.")
+         "Git sha recorded in benchmark results, over what git answers (a tree copied to a "
+         "GPU machine may have no .git or a stale one); unset: asked from git.")
 
 # ---- building the CUDA extension -----------------------------------------------------------------
 register("PYKERNELS_BUILD_EXT", str, "auto",

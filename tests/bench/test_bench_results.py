@@ -113,3 +113,18 @@ def test_read_results_skips_cpu_unless_asked(root):
 def test_read_results_empty_root(tmp_path):
     df = results.read_results(tmp_path / "nothing")
     assert df.empty and list(df.columns) == results.COLUMNS
+
+
+def test_git_sha_env_wins(monkeypatch):
+    """PYKERNELS_GIT_SHA is recorded over git's answer (a copied tree's .git can be stale)."""
+    from bench import env_info
+
+    monkeypatch.setenv("PYKERNELS_GIT_SHA", "0123456789abcdef")
+    env_info.git_revision.cache_clear()
+    try:
+        assert env_info.git_revision() == ("0123456789abcdef", "")
+        monkeypatch.delenv("PYKERNELS_GIT_SHA")
+        env_info.git_revision.cache_clear()
+        assert env_info.git_revision()[0] != "0123456789abcdef"
+    finally:
+        env_info.git_revision.cache_clear()
