@@ -346,12 +346,18 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
     )
 
 
+def _check_act_rows(act: torch.Tensor, r: Routing) -> None:
+    """act holds a row per sorted slot position: a shorter one would be read past its end (or,
+    by TMA, as zeros) without an error."""
+    if act.shape[0] < r.em:
+        raise ValueError(f"act needs {r.em} rows (the padded slot bound), has {act.shape[0]}")
+
+
 def up_stage(x, w1, act, r: Routing, topk: int, cfg: dict, fp8: Fp8 | None = None,
              xq=None, xs=None) -> None:
     """act [r.em, I]: row i = silu(x W1g^T) * (x W1u^T) of sorted slot i's token and expert
     (x [m, H] rows); padding rows are left as they were."""
-    if act.shape[0] < r.em:
-        raise ValueError(f"act needs {r.em} rows (the padded slot bound), has {act.shape[0]}")
+    _check_act_rows(act, r)
     a, a_scale = x, None
     if fp8 is not None:
         a, a_scale = quant.quantize_fp8(x, fp8.a_scale, out=xq, out_scale=xs)
@@ -363,6 +369,7 @@ def down_stage(act, w2, y, topk_weights, r: Routing, cfg: dict, fp8: Fp8 | None 
                aq=None, as_=None) -> None:
     """y [slots, H]: row s = topk_weight[s] * act[i] W2^T for the sorted position i of slot s
     (act as up_stage wrote it; aq, as_: its fp8 copy and row scales, r.em rows)."""
+    _check_act_rows(act, r)
     a, a_scale = act[:r.em], None
     if fp8 is not None:
         a, a_scale = quant.quantize_fp8(a, fp8.a_scale, out=_rows(aq, r.em),

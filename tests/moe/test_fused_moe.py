@@ -5,6 +5,8 @@ grid is in test_fused_moe_gpu.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -369,3 +371,19 @@ def test_bad_chunk_size(monkeypatch):
     monkeypatch.setenv("VLLM_FUSED_MOE_CHUNK_SIZE", "0")
     with pytest.raises(ValueError, match="VLLM_FUSED_MOE_CHUNK_SIZE must be >= 1, got 0"):
         fused_moe(**_good(), backend="triton")
+
+
+@CPU_ONLY
+def test_stage_act_too_short():
+    """A hand-built act buffer shorter than the padded slot bound is refused by both stages (the
+    kernels would read past it, or take TMA's zero fill for rows)."""
+    a = _good()
+    r = kern.route(a["topk_ids"], 16, E)
+    short = torch.empty(r.em - 1, I, dtype=torch.float16)
+    cfg_up, cfg_down = kern.chunk_configs(3, a["w1"], a["w2"], TOPK, torch.float16, "none", None)
+    msg = re.escape(f"act needs {r.em} rows (the padded slot bound), has {r.em - 1}")
+    with pytest.raises(ValueError, match=msg):
+        kern.up_stage(a["hidden"], a["w1"], short, r, TOPK, cfg_up)
+    y = torch.empty(3 * TOPK, H, dtype=torch.float16)
+    with pytest.raises(ValueError, match=msg):
+        kern.down_stage(short, a["w2"], y, a["topk_weights"], r, cfg_down)
