@@ -68,35 +68,77 @@ def _tile(pid, em, n, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
 
 @triton.jit(do_not_specialize=["em", "num_valid"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr,
+    a_ptr, a_half_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
     N, K, em, num_valid,
     stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse, stride_bsn,
     ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
     USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, B_TMA: tl.constexpr,
     A_TMA: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr,
-    BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr, HALF_TAIL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Row i of the sorted order holds slot s_i of expert e. GATED (GEMM 1):
     C[i, n] = silu(g) * u with g, u = A[s_i // ROW_DIV] . B[e, n], B[e, N + n] (A gathered).
     Else (GEMM 2): C[s_i, n] = A[i] . B[e, n] (times the routed weight of s_i): A's rows are the
-    block's own, contiguous. A, B have a contiguous K dimension; B is [E, N (2N if GATED), K]."""
+    block's own, contiguous. A, B have a contiguous K dimension; B is [E, N (2N if GATED), K].
+    a_half_ptr: A again (A_TMA: a descriptor of BLOCK_SIZE_M // 2 rows) for HALF_TAIL."""
     pid_m, pid_n = _tile(tl.program_id(0), em, N, BLOCK_SIZE_M, BLOCK_SIZE_N, GROUP_SIZE_M)
     if PDL:  # launched early: wait for the kernels before us (align, GEMM 1's act) first
         gdc_wait()
     if pid_m * BLOCK_SIZE_M >= tl.load(total_ptr):
         return
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    slot = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
-    valid = slot < num_valid
-    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert == -1:  # not a local expert: its slots contribute zero
         if not GATED:  # (GEMM 1 writes nothing: GEMM 2 never reads such a block's rows)
+            offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+            slot = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+            offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
             zeros = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty)
             tl.store(c_ptr + slot[:, None] * stride_cm + offs_cn[None, :], zeros,
-                     mask=valid[:, None] & (offs_cn[None, :] < N))
+                     mask=(slot < num_valid)[:, None] & (offs_cn[None, :] < N))
         return
+    # HALF_TAIL: an expert's padding sits at the end of its group, so when row BLOCK_SIZE_M / 2
+    # of the block is padding, the whole second half is: a half-height tile does the block with
+    # half the MMAs. Under uniform routing half of the experts' last blocks qualify (their
+    # padding averages BLOCK_SIZE_M / 2 rows).
+    first_row = pid_m * BLOCK_SIZE_M
+    if HALF_TAIL:
+        if tl.load(sorted_ids_ptr + first_row + BLOCK_SIZE_M // 2) >= num_valid:
+            _gemm_tile(a_half_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr,
+                       sorted_ids_ptr, first_row, pid_n, expert, N, K, num_valid,
+                       stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
+                       stride_bsn, ROW_DIV, GATED, MUL_ROUTED_WEIGHT, USE_FP8, EVEN_K,
+                       DOT_PRECISION, B_TMA, A_TMA, BLOCK_SIZE_M // 2, BLOCK_SIZE_N,
+                       BLOCK_SIZE_K, PDL)
+        else:
+            _gemm_tile(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr,
+                       sorted_ids_ptr, first_row, pid_n, expert, N, K, num_valid,
+                       stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
+                       stride_bsn, ROW_DIV, GATED, MUL_ROUTED_WEIGHT, USE_FP8, EVEN_K,
+                       DOT_PRECISION, B_TMA, A_TMA, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
+                       PDL)
+    else:
+        _gemm_tile(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr, sorted_ids_ptr,
+                   first_row, pid_n, expert, N, K, num_valid,
+                   stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
+                   stride_bsn, ROW_DIV, GATED, MUL_ROUTED_WEIGHT, USE_FP8, EVEN_K,
+                   DOT_PRECISION, B_TMA, A_TMA, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, PDL)
+
+
+@triton.jit
+def _gemm_tile(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr, sorted_ids_ptr,
+               first_row, pid_n, expert, N, K, num_valid,
+               stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse, stride_bsn,
+               ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr,
+               USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               B_TMA: tl.constexpr, A_TMA: tl.constexpr, BLOCK_SIZE_M: tl.constexpr,
+               BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, PDL: tl.constexpr):
+    """One tile: sorted rows first_row .. + BLOCK_SIZE_M (one expert's) x BLOCK_SIZE_N columns."""
+    offs_m = first_row + tl.arange(0, BLOCK_SIZE_M)
+    slot = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    valid = slot < num_valid
+    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
     if GATED:
         # Padding slots read row 0 (in bounds; their act rows are not written).
         row = tl.where(valid, slot // ROW_DIV, 0)
@@ -120,7 +162,7 @@ def _moe_gemm_kernel(
     acc = tl.zeros((BLOCK_SIZE_M, BN_B), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
         if A_TMA:  # a_ptr: a descriptor of A [em, K]; columns past K read as zero
-            a = a_ptr.load([pid_m * BLOCK_SIZE_M, kb * BLOCK_SIZE_K])
+            a = a_ptr.load([first_row, kb * BLOCK_SIZE_K])
         elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
@@ -214,6 +256,7 @@ def default_config(tokens: int, E: int, topk: int, quant: str = "none", down: bo
         # Weight tiles by TMA where the GPU and the strides allow (Hopper+): 4-13% faster
         # from 256 tokens on the H200, no gain at decode (~20 us more host time a launch).
         "TMA": bm > 16,
+        "HALF_TAIL": True,  # see half_tail()
     }
     if down:
         del cfg["BLOCK_SIZE_M"]
@@ -259,8 +302,9 @@ def split_config(config: dict, up_default: dict, down_default: dict) -> tuple[di
             if not isinstance(v, int) or v < (16 if block else 1) or (block and v & (v - 1)):
                 raise ValueError(f"config[{name!r}][{k!r}] must be a positive int (a power of "
                                  f"two >= 16 for block sizes), got {v!r}")
-        if not isinstance(cfg.get("TMA", False), bool):
-            raise ValueError(f"config[{name!r}]['TMA'] must be a bool, got {cfg['TMA']!r}")
+        for flag in ("TMA", "HALF_TAIL"):
+            if not isinstance(cfg.get(flag, False), bool):
+                raise ValueError(f"config[{name!r}][{flag!r}] must be a bool, got {cfg[flag]!r}")
     if down is not up and down.get("BLOCK_SIZE_M", up["BLOCK_SIZE_M"]) != up["BLOCK_SIZE_M"]:
         raise ValueError(f"config['down']['BLOCK_SIZE_M'] ({down['BLOCK_SIZE_M']}) must equal "
                          f"config['up']'s ({up['BLOCK_SIZE_M']}): both GEMMs read one align")
@@ -307,6 +351,13 @@ def route(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     return Routing(sorted_ids, expert_ids, total, em, block_m, numel, topk_ids, num_experts)
 
 
+def half_tail(cfg: dict, block_m: int) -> bool:
+    """Whether blocks padded past their middle row run as half-height tiles: from 64-row
+    blocks (a 32-row half still fills a tensor-core tile; at decode's 16-row blocks the weights,
+    not the MMAs, set the time). Configs stored before the option existed get it on."""
+    return block_m >= 64 and cfg.get("HALF_TAIL", True)
+
+
 def _stages(cfg: dict) -> int:
     return cfg["num_stages"] if cfg.get("prefetch", True) else 1
 
@@ -331,17 +382,21 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
             bd = TensorDescriptor(b, [e, n, k], [b.stride(0), b.stride(1), 1], [1, bn, bk])
     # GEMM 2's rows are the block's own (sorted order): one TMA tile a K step.
     a_tma = tma and not gated and tma_ready(a)
+    half = half_tail(cfg, r.block_m)
+    ad_half = a
     if a_tma:
         ad = TensorDescriptor(a, [a.shape[0], k], [a.stride(0), 1], [r.block_m, bk])
+        if half:
+            ad_half = TensorDescriptor(a, [a.shape[0], k], [a.stride(0), 1], [r.block_m // 2, bk])
     _moe_gemm_kernel[grid](
-        ad, bd, c, a_scale if fp8 else c, b_scale if fp8 else c,
+        ad, ad_half, bd, c, a_scale if fp8 else c, b_scale if fp8 else c,
         topk_w if topk_w is not None else c, r.sorted_ids, r.expert_ids, r.total,
         n, k, r.em, r.num_valid,
         a.stride(0), b.stride(0), b.stride(1), c.stride(0), stride_asm, stride_bse, stride_bsn,
         ROW_DIV=row_div, GATED=gated, MUL_ROUTED_WEIGHT=topk_w is not None, USE_FP8=fp8,
         EVEN_K=k % bk == 0, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         B_TMA=tma, A_TMA=a_tma, BLOCK_SIZE_M=r.block_m, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk,
-        GROUP_SIZE_M=cfg["GROUP_SIZE_M"], PDL=pdl, num_warps=cfg["num_warps"],
+        GROUP_SIZE_M=cfg["GROUP_SIZE_M"], HALF_TAIL=half, PDL=pdl, num_warps=cfg["num_warps"],
         num_stages=_stages(cfg), launch_pdl=pdl,
     )
 

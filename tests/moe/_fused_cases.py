@@ -61,6 +61,13 @@ def make_routing(M, E, topk, device="cpu", experts=None):
     return ref.fused_topk(logits, topk, True)
 
 
+def routing_with_counts(counts, device="cpu"):
+    """Top-1 routing giving expert e exactly counts[e] tokens, in shuffled token order."""
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    ids = ids[torch.randperm(ids.numel())].to(torch.int32)[:, None]
+    return torch.rand(ids.shape[0], 1).add_(0.5).to(device), ids.to(device)
+
+
 def quantize_weight(w, per_channel):
     wf = w.float()
     amax = wf.abs().amax(dim=2) if per_channel else wf.abs().amax(dim=(1, 2))

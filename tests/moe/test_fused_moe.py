@@ -23,6 +23,7 @@ from tests.moe._fused_cases import (
     make_routing,
     make_weights,
     quantize_weight,
+    routing_with_counts,
     run,
 )
 
@@ -65,6 +66,26 @@ def test_triton_cpu_experts_without_tokens_and_top1():
     check(x, w1, w2, tw, ti)
     ti = torch.full((9, 1), 7, dtype=torch.int32)  # one expert takes everything
     check(x, w1, w2, torch.ones(9, 1), ti)
+
+
+# Per expert at 64-row blocks: exactly half a block (its row 32 is padding: half tile), one row
+# more (full tile), a full block then 5 rows (full, then half), none, one row (half).
+HALF_TAIL_COUNTS = [32, 33, 69, 0, 1]
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("half", [True, False])
+def test_triton_cpu_half_tail(half):
+    """Blocks padded past their middle row run as half-height tiles (HALF_TAIL, from 64-row
+    blocks), in both GEMMs; the same layer with the option off."""
+    tw, ti = routing_with_counts(HALF_TAIL_COUNTS)
+    r = kern.route(ti, 64, len(HALF_TAIL_COUNTS))
+    middle = r.sorted_ids[32:r.total.item():64]  # each block's row 32: padding = half tile
+    assert (middle >= ti.numel()).tolist() == [True, False, False, True, True]
+    w1, w2 = make_weights(len(HALF_TAIL_COUNTS), H, I, torch.float16)
+    config = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "num_stages": 2,
+              "HALF_TAIL": half}
+    check(torch.randn(ti.shape[0], H).half(), w1, w2, tw, ti, config=config)
 
 
 @CPU_ONLY
@@ -189,7 +210,7 @@ def test_quantize_fp8_triton_cpu(monkeypatch):
 
 
 def _compile_sm90(gated: bool, fp8: bool, block: tuple, tma: bool = False,
-                  even_k: bool = True):
+                  even_k: bool = True, half_tail: bool = True):
     """Compile the GEMM kernel for sm_90a without a GPU (Triton's bundled ptxas): returns the
     cubin's (registers, stack bytes) and whether the main loop became async copies + wgmma."""
     from tests.triton_sm90 import compile_sm90
@@ -203,15 +224,17 @@ def _compile_sm90(gated: bool, fp8: bool, block: tuple, tma: bool = False,
         box = [1, 2, bn, bk] if gated else [1, bn, bk]
         b = f"tensordesc<{elt}{box}>"
     a_tma = tma and not gated  # GEMM 2's sorted rows come by TMA with the weights (as launched)
+    a_half = a
     if a_tma:
-        a = f"tensordesc<{elt}{[bm, bk]}>"
-    sig = {"a_ptr": a, "b_ptr": b, "c_ptr": act, "a_scale_ptr": aux, "b_scale_ptr": aux,
-           "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-           "total_ptr": "*i32", **{n: "i32" for n in fn.arg_names[9:20]}}
+        a, a_half = (f"tensordesc<{elt}{[rows, bk]}>" for rows in (bm, bm // 2))
+    half_tail = half_tail and bm >= 64  # as _gemm launches it
+    sig = {"a_ptr": a, "a_half_ptr": a_half, "b_ptr": b, "c_ptr": act, "a_scale_ptr": aux,
+           "b_scale_ptr": aux, "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+           "expert_ids_ptr": "*i32", "total_ptr": "*i32", **{n: "i32" for n in fn.arg_names[10:21]}}
     const = dict(ROW_DIV=2 if gated else 1, GATED=gated, MUL_ROUTED_WEIGHT=not gated,
                  USE_FP8=fp8, EVEN_K=even_k, DOT_PRECISION="tf32", B_TMA=tma, A_TMA=a_tma,
                  BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=group,
-                 PDL=True)  # as launched on Hopper (PYKERNELS_ENABLE_PDL)
+                 HALF_TAIL=half_tail, PDL=True)  # as launched on Hopper (PYKERNELS_ENABLE_PDL)
     aligned = [n for n in sig if n.endswith("_ptr") and not sig[n].startswith("tensordesc")] + \
         ["N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm"]
     r = compile_sm90(fn, sig, const, aligned, warps, stages)
@@ -355,6 +378,8 @@ def test_bad_fp8_inputs(per_channel, kw, err, msg):
                                     "power of two >= 16"),
     ({"up": SMALL, "down": 3}, "config['up'] and config['down'] must both be dicts"),
     ({**SMALL, "TMA": 1}, "config['up']['TMA'] must be a bool, got 1"),
+    ({"up": SMALL, "down": {**SMALL, "HALF_TAIL": "no"}},
+     "config['down']['HALF_TAIL'] must be a bool, got 'no'"),
     ({**SMALL, "BLOCK_SIZE_K": 8}, "power of two >= 16 for block sizes), got 8"),
     ({"up": SMALL, "down": {**SMALL, "BLOCK_SIZE_M": 32}},
      "config['down']['BLOCK_SIZE_M'] (32) must equal config['up']'s (16)"),
