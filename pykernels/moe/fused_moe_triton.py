@@ -358,11 +358,14 @@ def route(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     return Routing(sorted_ids, expert_ids, total, em, block_m, numel, topk_ids, num_experts)
 
 
-def half_tail(cfg: dict, block_m: int) -> bool:
+def half_tail(cfg: dict, block_m: int, fp8: bool) -> bool:
     """Whether blocks padded past their middle row run as half-height tiles: from 64-row
-    blocks (a 32-row half still fills a tensor-core tile; at decode's 16-row blocks the weights,
-    not the MMAs, set the time). Configs stored before the option existed get it on."""
-    return block_m >= 64 and cfg.get("HALF_TAIL", True)
+    blocks (at decode's 16/32-row blocks the weights, not the MMAs, set the time), fp8 from
+    128-row blocks. A 32-row fp8 half is not a wgmma tile: triton compiles it to other MMA
+    instructions, whose sums differ in the last bits from the 64-row tile's (H200: 152 of 664
+    act rows, up to 0.03), and by TMA differently again; 64-row halves gave the same bits as
+    full tiles in bf16 and fp8. Configs stored before the option existed get it on."""
+    return block_m >= (128 if fp8 else 64) and cfg.get("HALF_TAIL", True)
 
 
 def _stages(cfg: dict) -> int:
@@ -389,7 +392,7 @@ def _gemm(a, b, c, a_scale, b_scale, topk_w, r: Routing, n: int, k: int, *, row_
             bd = TensorDescriptor(b, [e, n, k], [b.stride(0), b.stride(1), 1], [1, bn, bk])
     # GEMM 2's rows are the block's own (sorted order): one TMA tile a K step.
     a_tma = tma and not gated and tma_ready(a)
-    half = half_tail(cfg, r.block_m)
+    half = half_tail(cfg, r.block_m, fp8)
     ad_half = a
     if a_tma:
         ad = TensorDescriptor(a, [a.shape[0], k], [a.stride(0), 1], [r.block_m, bk])

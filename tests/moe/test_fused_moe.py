@@ -73,6 +73,14 @@ def test_triton_cpu_experts_without_tokens_and_top1():
 HALF_TAIL_COUNTS = [32, 33, 69, 0, 1]
 
 
+def test_half_tail_where():
+    """Half tiles from 64-row blocks (bf16/fp16) and 128-row blocks (fp8: a 32-row fp8 half
+    is not a wgmma tile and sums differently), unless the config turns them off."""
+    assert [kern.half_tail({}, bm, False) for bm in (16, 32, 64, 128)] == [0, 0, 1, 1]
+    assert [kern.half_tail({}, bm, True) for bm in (32, 64, 128)] == [0, 0, 1]
+    assert not kern.half_tail({"HALF_TAIL": False}, 128, False)
+
+
 @CPU_ONLY
 @pytest.mark.parametrize("half", [True, False])
 def test_triton_cpu_half_tail(half):
@@ -227,7 +235,7 @@ def _compile_sm90(gated: bool, fp8: bool, block: tuple, tma: bool = False,
     a_half = a
     if a_tma:
         a, a_half = (f"tensordesc<{elt}{[rows, bk]}>" for rows in (bm, bm // 2))
-    half_tail = half_tail and bm >= 64  # as _gemm launches it
+    half_tail = kern.half_tail({"HALF_TAIL": half_tail}, bm, fp8)  # as _gemm launches it
     sig = {"a_ptr": a, "a_half_ptr": a_half, "b_ptr": b, "c_ptr": act, "a_scale_ptr": aux,
            "b_scale_ptr": aux, "topk_w_ptr": "*fp32", "sorted_ids_ptr": "*i32",
            "expert_ids_ptr": "*i32", "total_ptr": "*i32", **{n: "i32" for n in fn.arg_names[10:21]}}
