@@ -111,7 +111,7 @@ def _regs_ok_without_prefetch(cfg: dict, bm: int, tiles: int, elt: int) -> bool:
 def _tile_ok(cfg: dict, bm: int, n_out: int, k: int, slots: float, tiles: int,
              elt: int) -> bool:
     bn, bk, group = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"], cfg["GROUP_SIZE_M"]
-    warps, stages = cfg["num_warps"], cfg["num_stages"]
+    stages = cfg["num_stages"]
     if bn > max(16, triton.next_power_of_2(n_out)) or bk > max(16, triton.next_power_of_2(k)):
         return False
     decode = bm == 16 and slots <= 16  # weight streaming: thin N tiles, deep K pipelines
@@ -128,11 +128,16 @@ def _tile_ok(cfg: dict, bm: int, n_out: int, k: int, slots: float, tiles: int,
     if not decode and (bn < min(64, triton.next_power_of_2(n_out)) or
                        group != (16 if slots >= 2 * bm else 1)):
         return False
-    if not _warps_ok(warps, tiles * bm * bn, decode):
-        return False
     if stages == 1 and not _regs_ok_without_prefetch(cfg, bm, tiles, elt):
         return False
-    return stages * (bm * bk + tiles * bn * bk) * elt <= SMEM_LIMIT
+    return _fits(cfg, bm, tiles, elt, decode)
+
+
+def _fits(cfg: dict, bm: int, tiles: int, elt: int, decode: bool) -> bool:
+    """The tile's accumulators suit its warps and its pipeline fits shared memory."""
+    bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+    smem = cfg["num_stages"] * (bm * bk + tiles * bn * bk) * elt
+    return _warps_ok(cfg["num_warps"], tiles * bm * bn, decode) and smem <= SMEM_LIMIT
 
 
 def _elt(shape: dict) -> int:
@@ -242,9 +247,7 @@ def down_for_block(down_cfg: dict, bm: int, shape: dict) -> dict:
     holds 256 accumulators a thread and spills, and every 128-row up candidate timed 4000-4500
     us on an H200 where the best of them, behind a down tile that fits, runs the layer in 1515
     us against 1667 us for the 64-row tile the tuner kept."""
-    bn, bk = down_cfg["BLOCK_SIZE_N"], down_cfg["BLOCK_SIZE_K"]
-    smem = down_cfg["num_stages"] * (bm * bk + bn * bk) * _elt(shape)
-    if _warps_ok(down_cfg["num_warps"], bm * bn, bm == 16) and smem <= SMEM_LIMIT:
+    if _fits(down_cfg, bm, 1, _elt(shape), bm == 16):
         return down_cfg
     return kern.default_config(shape["tokens"], shape["E"], shape["topk"], shape["quant"],
                                down=True)
