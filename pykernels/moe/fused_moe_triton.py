@@ -94,15 +94,9 @@ def _moe_gemm_kernel(
     first_row = pid_m * BLOCK_SIZE_M
     total = tl.load(total_ptr)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    # HALF_TAIL: an expert's padding sits at the end of its group, so when row BLOCK_SIZE_M / 2
-    # of the block is padding, the whole second half is: a half-height tile does the block with
-    # half the MMAs. Under uniform routing half of the experts' last blocks qualify (their
-    # padding averages BLOCK_SIZE_M / 2 rows). Without HALF_TAIL, `half` stays a compile-time
-    # False and only the full tile is compiled.
-    half = False
     if HALF_TAIL:
         mid = first_row + BLOCK_SIZE_M // 2
-        half = tl.load(sorted_ids_ptr + mid, mask=mid < em, other=num_valid) >= num_valid
+        mid_slot = tl.load(sorted_ids_ptr + mid, mask=mid < em, other=num_valid)
     if first_row >= total:
         return
     if expert == -1:  # not a local expert: its slots contribute zero
@@ -113,13 +107,27 @@ def _moe_gemm_kernel(
             tl.store(c_ptr + slot[:, None] * stride_cm + offs_cn[None, :], zeros,
                      mask=(slot < num_valid)[:, None] & (offs_cn[None, :] < N))
         return
-    if half:
-        _gemm_tile(a_half_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr, sorted_ids_ptr,
-                   first_row, pid_n, expert, N, K, num_valid,
-                   stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
-                   stride_bsn, ROW_DIV, GATED, MUL_ROUTED_WEIGHT, USE_FP8, EVEN_K,
-                   DOT_PRECISION, B_TMA, A_TMA, BLOCK_SIZE_M // 2, BLOCK_SIZE_N, BLOCK_SIZE_K,
-                   PDL)
+    # HALF_TAIL: an expert's padding sits at the end of its group, so when row BLOCK_SIZE_M / 2
+    # of the block is padding, the whole second half is: a half-height tile does the block with
+    # half the MMAs. Under uniform routing half of the experts' last blocks qualify (their
+    # padding averages BLOCK_SIZE_M / 2 rows). Three call sites, not `half = False` rebound
+    # under `if HALF_TAIL:` and one `if half:`: triton 3.6 then compiles the half branch even
+    # without HALF_TAIL (H200: 18 GPU tests failed, a TMA load on a plain pointer).
+    if HALF_TAIL:
+        if mid_slot >= num_valid:
+            _gemm_tile(a_half_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr,
+                       sorted_ids_ptr, first_row, pid_n, expert, N, K, num_valid,
+                       stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
+                       stride_bsn, ROW_DIV, GATED, MUL_ROUTED_WEIGHT, USE_FP8, EVEN_K,
+                       DOT_PRECISION, B_TMA, A_TMA, BLOCK_SIZE_M // 2, BLOCK_SIZE_N,
+                       BLOCK_SIZE_K, PDL)
+        else:
+            _gemm_tile(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr,
+                       sorted_ids_ptr, first_row, pid_n, expert, N, K, num_valid,
+                       stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
+                       stride_bsn, ROW_DIV, GATED, MUL_ROUTED_WEIGHT, USE_FP8, EVEN_K,
+                       DOT_PRECISION, B_TMA, A_TMA, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
+                       PDL)
     else:
         _gemm_tile(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_w_ptr, sorted_ids_ptr,
                    first_row, pid_n, expert, N, K, num_valid,
