@@ -186,6 +186,18 @@ def _quantize(w: torch.Tensor):
     return (w / scale[:, None, None]).to(FP8_DTYPE), scale
 
 
+ROUTING_SEED = 4321  # not bench.moe's seed: tune on other draws than the bench times
+
+
+def routing_logits(tokens: int, experts: int, index: int) -> torch.Tensor:
+    """Input set `index`'s gating logits, seeded on the CPU: every tune times the same routing.
+    Unseeded draws made the decode buckets' times depend on how many experts a draw touched
+    (Qwen3-30B-A3B at 16 tokens, 128 slots over 128 experts: 75-91 experts, so one config timed
+    164 us in one H200 tune and 189 us in another)."""
+    gen = torch.Generator().manual_seed(ROUTING_SEED + index)
+    return torch.randn(tokens, experts, generator=gen)
+
+
 class _Layer:
     """Inputs of one bucket: weights, n routed input sets, buffers, the fp32 reference of set 0
     and the aligned routing per BLOCK_SIZE_M (built at check time, reused while timing)."""
@@ -198,9 +210,9 @@ class _Layer:
         touched = min(E, m * topk) * (3 * H * I) * self.w1.element_size()
         self.n = min(8, input_sets(touched + m * H * self.dtype.itemsize, device))
         self.sets = []
-        for _ in range(self.n):
+        for i in range(self.n):
             x = torch.randn(m, H, device=device).to(self.dtype)
-            weights, ids = ref.fused_topk(torch.randn(m, E, device=device), topk, True)
+            weights, ids = ref.fused_topk(routing_logits(m, E, i).to(device), topk, True)
             self.sets.append((x, weights, ids))
         self.out = torch.empty(m, H, dtype=self.dtype, device=device)
         self.ws = kern.Workspace(m, topk, I, H, self.dtype, torch.device(device),

@@ -176,3 +176,18 @@ def test_up_candidates_get_a_down_tile_that_fits_their_block():
     eight = {**tuned, "num_warps": 8}
     assert moe.down_for_block(eight, 128, shape) is eight
     assert moe.down_for_block({**eight, "num_stages": 5}, 128, shape) != {**eight, "num_stages": 5}
+
+
+def test_tuning_routing_is_seeded_and_not_the_bench_draw():
+    """Every tune times the same routing per input set (unseeded draws moved Qwen3-30B-A3B's
+    16-token time by 15% between two tunes with the touched-expert count), and not the draw
+    bench.moe times."""
+    from bench import moe as bench_moe
+
+    shape = {**TINY_SHAPE, "tokens": 16}
+    a, b = moe._Layer(shape, "cpu"), moe._Layer(shape, "cpu")
+    assert a.n == b.n >= 1
+    for (_, wa, ia), (_, wb, ib) in zip(a.sets, b.sets):
+        assert torch.equal(ia, ib) and torch.equal(wa, wb)
+    assert not torch.equal(moe.routing_logits(16, 4, 0), moe.routing_logits(16, 4, 1))
+    assert not torch.equal(moe.routing_logits(16, 4, 0), bench_moe.routing_logits(16, 4, 0))
