@@ -191,9 +191,10 @@ ROUTING_SEED = 4321  # not bench.moe's seed: tune on other draws than the bench 
 
 def routing_logits(tokens: int, experts: int, index: int) -> torch.Tensor:
     """Input set `index`'s gating logits, seeded on the CPU: every tune times the same routing.
-    Unseeded draws made the decode buckets' times depend on how many experts a draw touched
-    (Qwen3-30B-A3B at 16 tokens, 128 slots over 128 experts: 75-91 experts, so one config timed
-    164 us in one H200 tune and 189 us in another)."""
+    With unseeded draws a decode bucket's time depends on how many experts the draw touches
+    (Qwen3-30B-A3B at 16 tokens, 128 slots over 128 experts: 81-91 in three draws); one config
+    timed 164 us in one H200 tune and 189 us in another, and 193 us in bench.moe whichever down
+    config ran behind it."""
     gen = torch.Generator().manual_seed(ROUTING_SEED + index)
     return torch.randn(tokens, experts, generator=gen)
 

@@ -179,9 +179,9 @@ def test_up_candidates_get_a_down_tile_that_fits_their_block():
 
 
 def test_tuning_routing_is_seeded_and_not_the_bench_draw():
-    """Every tune times the same routing per input set (unseeded draws moved Qwen3-30B-A3B's
-    16-token time by 15% between two tunes with the touched-expert count), and not the draw
-    bench.moe times."""
+    """Every tune times the same routing per input set (a draw decides how many experts a
+    decode bucket touches, so unseeded tunes timed different work), and not the draw bench.moe
+    times."""
     from bench import moe as bench_moe
 
     shape = {**TINY_SHAPE, "tokens": 16}
