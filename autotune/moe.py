@@ -40,6 +40,7 @@ from autotune.cli import Family, Op, dtype_of, input_sets
 from autotune.cli import main as cli_main
 from autotune.space import Space
 from autotune.tuner import Case
+from bench.moe import routing_logits
 from pykernels import envs
 from pykernels.moe import fused_moe_triton as kern
 from pykernels.moe import ref
@@ -186,17 +187,13 @@ def _quantize(w: torch.Tensor):
     return (w / scale[:, None, None]).to(FP8_DTYPE), scale
 
 
-ROUTING_SEED = 4321  # not bench.moe's seed: tune on other draws than the bench times
-
-
-def routing_logits(tokens: int, experts: int, index: int) -> torch.Tensor:
-    """Input set `index`'s gating logits, seeded on the CPU: every tune times the same routing.
-    With unseeded draws a decode bucket's time depends on how many experts the draw touches
-    (Qwen3-30B-A3B at 16 tokens, 128 slots over 128 experts: 81-91 in three draws); one config
-    timed 164 us in one H200 tune and 189 us in another, and 193 us in bench.moe whichever down
-    config ran behind it."""
-    gen = torch.Generator().manual_seed(ROUTING_SEED + index)
-    return torch.randn(tokens, experts, generator=gen)
+# Input set i of a tune routes by bench.moe's seeded draw TUNE_SETS + i: every tune times the
+# same routing, and not the draws the bench times (it rotates through at most 64 sets). With
+# unseeded draws a decode bucket's time depended on how many experts the draw touched
+# (Qwen3-30B-A3B at 16 tokens, 128 slots over 128 experts: 81-91 in three draws); one config
+# timed 164 us in one H200 tune and 189 us in another, and 193 us in bench.moe whichever down
+# config ran behind it.
+TUNE_SETS = 1000
 
 
 class _Layer:
@@ -213,7 +210,8 @@ class _Layer:
         self.sets = []
         for i in range(self.n):
             x = torch.randn(m, H, device=device).to(self.dtype)
-            weights, ids = ref.fused_topk(routing_logits(m, E, i).to(device), topk, True)
+            logits = routing_logits(m, E, TUNE_SETS + i).to(device)
+            weights, ids = ref.fused_topk(logits, topk, True)
             self.sets.append((x, weights, ids))
         self.out = torch.empty(m, H, dtype=self.dtype, device=device)
         self.ws = kern.Workspace(m, topk, I, H, self.dtype, torch.device(device),

@@ -189,5 +189,5 @@ def test_tuning_routing_is_seeded_and_not_the_bench_draw():
     assert a.n == b.n >= 1
     for (_, wa, ia), (_, wb, ib) in zip(a.sets, b.sets):
         assert torch.equal(ia, ib) and torch.equal(wa, wb)
-    assert not torch.equal(moe.routing_logits(16, 4, 0), moe.routing_logits(16, 4, 1))
-    assert not torch.equal(moe.routing_logits(16, 4, 0), bench_moe.routing_logits(16, 4, 0))
+    assert moe.TUNE_SETS >= 64  # past the sets bench.timing.rotation_count lets the bench use
+    assert not torch.equal(a.sets[0][2], bench_moe.routing_logits(16, 4, 0).topk(2).indices.int())
