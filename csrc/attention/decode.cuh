@@ -32,12 +32,16 @@ __device__ __forceinline__ void load_q(char* q_s, const DecodeParams& p, int b, 
 
 // One warp's 16 keys [key0, key0 + 16) of a tile: S = Q K^T, the online-softmax update of the two
 // rows this lane holds (g and g + 8), then O += P V. Keys >= hi are masked.
-template <typename T, typename S, int HEAD_DIM>
+// K and V rows are padded (a 16-bit cache, as loaded) or swizzled (an fp8 tile widened).
+template <typename T, typename S, int HEAD_DIM, bool PADDED>
 __device__ __forceinline__ void attend_keys(const DecodeParams& p, const char* q_s,
                                             const char* k_s, const char* v_s, int row0, int key0,
                                             int hi, float (&m)[2], float (&l)[2],
                                             float (&o)[HEAD_DIM / 8][4]) {
   constexpr int kRB = S::kWideRowBytes;
+  auto kv_at = [](int row, int chunk) {
+    return PADDED ? row * S::kPadRowBytes + chunk * 16 : swizzle<kRB>(row, chunk);
+  };
   const int lane = threadIdx.x % 32;
   const int j = lane / 8, r8 = lane % 8, t = lane % 4;
   float s[2][4] = {};
@@ -45,7 +49,7 @@ __device__ __forceinline__ void attend_keys(const DecodeParams& p, const char* q
   for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
     uint32_t a[4], kb[4];
     ldmatrix_x4(a, q_s + swizzle<kRB>((j % 2) * 8 + r8, ks * 2 + j / 2));
-    ldmatrix_x4(kb, k_s + swizzle<kRB>(row0 + (j / 2) * 8 + r8, ks * 2 + j % 2));
+    ldmatrix_x4(kb, k_s + kv_at(row0 + (j / 2) * 8 + r8, ks * 2 + j % 2));
     mma_16816<T>(s[0], a, kb[0], kb[1]);
     mma_16816<T>(s[1], a, kb[2], kb[3]);
   }
@@ -115,7 +119,7 @@ __device__ __forceinline__ void attend_keys(const DecodeParams& p, const char* q
 #pragma unroll
   for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
     uint32_t vb[4];
-    ldmatrix_x4_trans(vb, v_s + swizzle<kRB>(row0 + (j % 2) * 8 + r8, dp * 2 + j / 2));
+    ldmatrix_x4_trans(vb, v_s + kv_at(row0 + (j % 2) * 8 + r8, dp * 2 + j / 2));
     mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
     mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
   }
@@ -180,7 +184,7 @@ __global__ void __launch_bounds__(128, STAGES == 2 && HEAD_DIM <= 128 ? 3 : 2)
   if (S::kStages - 1 < num_tiles) {
     fetch_pages<S>(upcoming, p, pages, lo + (S::kStages - 1) * S::kTile, hi);
   }
-  constexpr int kTileRowBytes = kFp8 ? S::kWideRowBytes : S::kRowBytes;
+  constexpr int kTileRowBytes = kFp8 ? S::kWideRowBytes : S::kPadRowBytes;
   for (int i = 0; i < num_tiles; ++i) {
     cp_async_wait<S::kStages - 2>();
     __syncthreads();  // tile i landed for all threads; tile i - 1's stage is free again
@@ -198,9 +202,9 @@ __global__ void __launch_bounds__(128, STAGES == 2 && HEAD_DIM <= 128 ? 3 : 2)
       __syncthreads();
       tile = wide;
     }
-    attend_keys<T, S, HEAD_DIM>(p, q_s, tile, tile + S::kTile * kTileRowBytes,
-                                warp * S::kKeysPerWarp,
-                                lo + i * S::kTile + warp * S::kKeysPerWarp, hi, m, l, o);
+    attend_keys<T, S, HEAD_DIM, !kFp8>(p, q_s, tile, tile + S::kTile * kTileRowBytes,
+                                       warp * S::kKeysPerWarp,
+                                       lo + i * S::kTile + warp * S::kKeysPerWarp, hi, m, l, o);
   }
   cp_async_wait<0>();
 #pragma unroll

@@ -5,7 +5,7 @@
 // One CTA (4 warps) per (split, kv head x head chunk, request) handles up to 16 q heads that share a
 // kv head, so each K/V row is read once for the whole GQA group. K/V tiles of 64 tokens stream into
 // shared memory through a STAGES-deep cp.async pipeline (16-byte copies gathered through the page
-// table, stored with an XOR swizzle so ldmatrix is bank-conflict free). Each warp takes 16 keys of a
+// table, rows padded by 16 bytes so ldmatrix is bank-conflict free). Each warp takes 16 keys of a
 // tile and computes on tensor cores (mma.sync m16n8k16): S = Q K^T with the q heads as the 16 rows
 // (padded), an fp32 online softmax in the log2 domain on the accumulator fragment, then O += P V
 // with P re-packed from the accumulator as the A operand. The 4 warps' states are merged in shared
@@ -52,16 +52,16 @@ struct DecodeParams {
   float v_scale;
 };
 
-// Default pipeline depth: 16-bit cache, head_dim 128: 32 KB per stage, 3 stages + 4 KB of q =
-// 100 KB, so 2 CTAs share an SM (228 KB); 2 stages (68 KB) fit 3 CTAs. head_dim 256: 2 stages
-// (132 KB, 1 CTA per SM). The launcher also takes 2 or 3 explicitly (a tuning knob).
+// Default pipeline depth: 16-bit cache, head_dim 128: 34 KB per stage, 3 stages + 4 KB of q =
+// 106 KB, so 2 CTAs share an SM (228 KB); 2 stages (72 KB) fit 3 CTAs. head_dim 256: 2 stages
+// (140 KB, 1 CTA per SM). The launcher also takes 2 or 3 explicitly (a tuning knob).
 template <int HEAD_DIM>
 constexpr int default_stages() {
   return HEAD_DIM >= 256 ? 2 : 3;
 }
 
 // Tile geometry. A stage holds kTile rows of K then kTile rows of V as stored in the cache (16-bit
-// rows swizzled, fp8 rows raw).
+// rows padded, fp8 rows raw).
 template <int HEAD_DIM, int KV_BYTES, int STAGES>
 struct DecodeShape {
   static constexpr int kWarps = 4;
@@ -74,7 +74,14 @@ struct DecodeShape {
   static constexpr int kChunks = kRowBytes / 16;
   static constexpr int kPerThread = kTile * kChunks / kThreads;  // 16-byte copies per thread
   static_assert(kTile * kChunks % kThreads == 0, "a tile splits evenly over the threads");
-  static constexpr int kStageBytes = 2 * kTile * kRowBytes;
+  // 16-bit rows sit 16 bytes apart beyond their length in shared memory (row stride 272 bytes at
+  // d=128): the 8 rows an ldmatrix reads then start in 8 different bank groups, without the XOR
+  // swizzle the tiles had. Why not the swizzle: ncu (H200, 64x4096) counted 2 L2 sectors per 32
+  // bytes that the swizzled cp.async copies brought in (67.2M for 33.6M, a 50% L2 "hit" rate, L2
+  // 87% busy) and 1.5x with padded rows (50.4M); the large decode rows ran 6-8% faster (64x4096
+  // 290 -> 271 us, 32x32768 1125 -> 1056), 3 stages still fit 2 CTAs an SM. fp8 rows land raw.
+  static constexpr int kPadRowBytes = KV_BYTES == 2 ? kRowBytes + 16 : kRowBytes;
+  static constexpr int kStageBytes = 2 * kTile * kPadRowBytes;
   static constexpr int kWideRowBytes = HEAD_DIM * 2;  // a row widened to 16 bits
   static constexpr int kWideChunks = kWideRowBytes / 16;  // >= 8: the swizzle permutes 8 chunks
   static constexpr int kQBytes = kRows * kWideRowBytes;
@@ -201,7 +208,7 @@ __device__ __forceinline__ void fetch_pages(TileRows<S>& rows, const DecodeParam
 }
 
 // Issues the cp.async copies of a tile's K and V rows (rows past hi are zero-filled, so P V never
-// meets garbage). 16-bit rows land swizzled for ldmatrix; fp8 rows land raw for the widening pass.
+// meets garbage). 16-bit rows land padded for ldmatrix; fp8 rows land raw for the widening pass.
 // `head` is this CTA's kv head in page 0 plus the thread's 16-byte column. The address math is
 // 32-bit but for one wide multiply-add a row: with int64 strides each row took ~18 instructions
 // (sign extensions, 64 x 64-bit products, selects). The main loop of the bf16 d=128 kernel went
@@ -224,10 +231,9 @@ __device__ __forceinline__ void issue_rows(char* stage, const TileRows<S>& rows,
     const uint32_t slot = cur.slot_at(p, i, kRowStep);
     cur.advance(p, kRowStep);
     const char* src = head + (uint64_t)page * p.page_bytes + slot * p.tok_bytes;
-    const int off = KV_BYTES == 2 ? swizzle<S::kRowBytes>(r, col) : r * S::kRowBytes + col * 16;
-    char* dst = stage + off;
+    char* dst = stage + r * S::kPadRowBytes + col * 16;
     cp_async_16_unless(dst, src, skip);
-    cp_async_16_unless(dst + S::kTile * S::kRowBytes, src + p.kv_bytes, skip);
+    cp_async_16_unless(dst + S::kTile * S::kPadRowBytes, src + p.kv_bytes, skip);
   }
 }
 
