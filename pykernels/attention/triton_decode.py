@@ -40,6 +40,12 @@ def _seq_len(kv_indptr_ptr, kv_last_ptr, b, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _page_of(kv_indices_ptr, page_lo, offs_n, end, PAGE_SIZE: tl.constexpr):
+    # The page of each key position (0 past `end`).
+    return tl.load(kv_indices_ptr + page_lo + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, cache_ptr, out_ptr, po_ptr, plse_ptr,
     kv_indptr_ptr, kv_indices_ptr, kv_last_ptr,
@@ -77,11 +83,16 @@ def _decode_split_kernel(
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     k_base = cache_ptr + kvh.to(tl.int64) * stride_head
+    # The page indices are loaded one block ahead into registers and carried by the loop. Loaded
+    # inside the block that uses them, the index load took a pipeline stage of its own: the K and
+    # V copies got one shared-memory buffer at any num_stages, waited for before every block's
+    # dot (triton 3.6 and 3.9, sm_90 compile); carried, they get num_stages - 1 buffers.
+    page = _page_of(kv_indices_ptr, page_lo, lo + tl.arange(0, BLOCK_N), hi, PAGE_SIZE)
     for t0 in range(lo, hi, BLOCK_N):
         offs_n = t0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        page = tl.load(kv_indices_ptr + page_lo + offs_n // PAGE_SIZE, mask=n_mask, other=0)
         row = page.to(tl.int64) * stride_page + (offs_n % PAGE_SIZE) * stride_tok
+        page = _page_of(kv_indices_ptr, page_lo, offs_n + BLOCK_N, hi, PAGE_SIZE)
         k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         # V issued with K: without pipelining (num_stages=1, tuned at bs=1) a load after the
         # softmax would add a memory round trip to every block.
