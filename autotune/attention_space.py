@@ -68,7 +68,9 @@ def decode_triton_valid(cfg: dict, shape: dict) -> bool:
         return False
     if not 16 <= bn * d / (32 * warps) <= 128:  # K-tile values per thread: idle lanes or spills
         return False
-    if cfg["num_stages"] * 2 * bn * d * _elt(shape["kv_dtype"]) > SMEM_BUDGET:
+    # K and V each get num_stages - 1 shared buffers (the page index is carried in registers;
+    # sm_90 compile, triton 3.6/3.9), one when unpipelined.
+    if max(cfg["num_stages"] - 1, 1) * 2 * bn * d * _elt(shape["kv_dtype"]) > SMEM_BUDGET:
         return False
     group = shape["num_q_heads"] // shape["num_kv_heads"]
     chunks = -(-group // triton_decode.default_config(d, group)["BLOCK_H"])
@@ -136,7 +138,7 @@ def spaces(kind: str = "full") -> dict[str, Space]:
         "paged_decode_triton": Space(
             {"num_splits": SPLITS, "BLOCK_N": (64,) if quick else (32, 64, 128),
              "num_warps": (4,) if quick else (2, 4, 8),
-             "num_stages": (2,) if quick else (1, 2, 3, 4)}, valid=decode_triton_valid),
+             "num_stages": (2,) if quick else (1, 2, 3, 4, 5)}, valid=decode_triton_valid),
         "paged_decode_cuda": Space({"num_splits": SPLITS, "num_stages": (2, 3)},
                                    valid=decode_cuda_valid),
         "paged_prefill_triton": Space(
