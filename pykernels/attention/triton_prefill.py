@@ -24,19 +24,19 @@ import triton.language as tl
 
 from autotune import Tunable
 from pykernels.attention import _common
-from pykernels.attention.triton_decode import _page_of, _seq_len, _tanh
+from pykernels.attention.triton_decode import _seq_len, _tanh
 
 
 @triton.jit
-def _attend_block(acc, m, l_sum, page, q, k_base, stride_kv, kv_indices_ptr, page_lo, n0, pos,
+def _attend_block(acc, m, l_sum, q, k_base, stride_kv, kv_indices_ptr, page_lo, n0, pos,
                   kv_len, qk_scale, cap_scale, window_left, offs_d,
                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK: tl.constexpr,
                   CAUSAL: tl.constexpr, SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr,
                   stride_page, stride_tok):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < kv_len
+    page = tl.load(kv_indices_ptr + page_lo + offs_n // PAGE_SIZE, mask=n_ok, other=0)
     row = page.to(tl.int64) * stride_page + (offs_n % PAGE_SIZE) * stride_tok
-    page = _page_of(kv_indices_ptr, page_lo, offs_n + BLOCK_N, kv_len, PAGE_SIZE)  # next block's
     k = tl.load(k_base + row[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k.to(q.dtype)))
     if SOFT_CAP:
@@ -63,7 +63,7 @@ def _attend_block(acc, m, l_sum, page, q, k_base, stride_kv, kv_indices_ptr, pag
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
     l_sum = l_sum * alpha + tl.sum(p, 1)
-    return acc, m_new, l_sum, page
+    return acc, m_new, l_sum
 
 
 @triton.jit
@@ -118,17 +118,14 @@ def _prefill_kernel(
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = cache_ptr + kvh.to(tl.int64) * stride_head
-    # Page indices one block ahead, carried by the loops (the masked loop starts where the
-    # unmasked one ended): see the decode kernel for why.
-    page = _page_of(kv_indices_ptr, page_lo, lo + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE)
     for n0 in range(lo, full_hi, BLOCK_N):
-        acc, m, l_sum, page = _attend_block(
-            acc, m, l_sum, page, q, k_base, stride_kv, kv_indices_ptr, page_lo, n0, pos, kv_len,
+        acc, m, l_sum = _attend_block(
+            acc, m, l_sum, q, k_base, stride_kv, kv_indices_ptr, page_lo, n0, pos, kv_len,
             qk_scale, cap_scale, window_left, offs_d, BLOCK_N, PAGE_SIZE, False, CAUSAL,
             SOFT_CAP, WINDOW, stride_page, stride_tok)
     for n0 in range(full_hi, hi, BLOCK_N):
-        acc, m, l_sum, page = _attend_block(
-            acc, m, l_sum, page, q, k_base, stride_kv, kv_indices_ptr, page_lo, n0, pos, kv_len,
+        acc, m, l_sum = _attend_block(
+            acc, m, l_sum, q, k_base, stride_kv, kv_indices_ptr, page_lo, n0, pos, kv_len,
             qk_scale, cap_scale, window_left, offs_d, BLOCK_N, PAGE_SIZE, True, CAUSAL,
             SOFT_CAP, WINDOW, stride_page, stride_tok)
 
