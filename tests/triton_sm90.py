@@ -37,7 +37,14 @@ def compile_sm90(fn, sig: dict, const: dict, aligned: list[str], warps: int,
     ttgir = out.asm["ttgir"]
     return {"regs": regs, "stack": stack, "pipelined": pipelined(ttgir),
             "wgmma": "warp_group_dot" in ttgir, "ptx": out.asm["ptx"],
-            "hazards": wgmma_register_hazards(sass)}
+            "hazards": wgmma_register_hazards(sass), "rings": ring_depths(ttgir)}
+
+
+def ring_depths(ttgir: str) -> list[int]:
+    """The buffer counts of the mutable 3-D shared allocations (a pipelined tile's ring:
+    `memdesc<3x64x128xbf16, ..., mutable>` is 3 buffers of a 64 x 128 tile), sorted."""
+    return sorted(int(n) for n in re.findall(
+        r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x\w+,[^>]*mutable>", ttgir))
 
 
 def pipelined(ttgir: str) -> bool:
@@ -89,14 +96,15 @@ def _written(opcode: str, first: str) -> set[str]:
     return {f"R{int(first) + r}" for r in range(width)}
 
 
-def results_in_child(module: str, call: str) -> list:
-    """`[<call>(*t) for t in SM90_TILES]` of test module `module`, run in a child process without
+def results_in_child(module: str, call: str, tiles: str = "SM90_TILES",
+                     fn: str = "_compile_sm90") -> list:
+    """`[<call>(*t) for t in <tiles>]` of test module `module`, run in a child process without
     TRITON_INTERPRET (the interpreter, on in a CPU test process, replaces the JIT functions the
     compiler needs); pytest.skip where no sm_90 toolchain is installed."""
     import pytest
 
-    code = (f"import json; from {module} import SM90_TILES, _compile_sm90; "
-            f"print(json.dumps([{call} for t in SM90_TILES]))")
+    code = (f"import json; from {module} import {tiles}, {fn}; "
+            f"print(json.dumps([{call} for t in {tiles}]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           env=env, capture_output=True, text=True, timeout=300)

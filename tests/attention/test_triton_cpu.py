@@ -161,3 +161,33 @@ def test_prefill_compiles_for_sm90():
         assert wgmma and hazards == [], (tile, hazards)
         if tile[:4] == (128, 64, 8, 3) and len(tile) == 4:  # the default must not spill
             assert stack == 0, (tile, regs, stack)
+
+
+def _compile_decode_sm90(block_n: int, warps: int, stages: int) -> list[int]:
+    from tests.triton_sm90 import compile_sm90
+
+    fn = triton_decode._decode_split_kernel
+    const = dict(HEAD_DIM=128, BLOCK_H=16, BLOCK_N=block_n, PAGE_SIZE=16, SOFT_CAP=False,
+                 WINDOW=False, DIRECT=False, PDL=True)
+    ptrs = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "po_ptr": "*fp32",
+            "plse_ptr": "*fp32"}
+    floats = ("qk_scale", "cap_scale", "v_scale")
+    sig = {n: ptrs.get(n) or ("*i32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
+           for n in fn.arg_names if n not in const}
+    aligned = [*ptrs, *(n for n in fn.arg_names if n.startswith("stride_"))]
+    return compile_sm90(fn, sig, const, aligned, warps, stages)["rings"]
+
+
+DECODE_SM90_TILES = [(64, 2, 3), (64, 4, 4), (128, 8, 3)]  # (BLOCK_N, warps, stages)
+
+
+def test_decode_kv_rings_for_sm90():
+    """K and V each get num_stages - 1 shared buffers. With the page index loaded inside the
+    block that uses it they got one at any depth (triton 3.6 and 3.9): no second block in
+    flight (docs/attention.md, Status)."""
+    from tests.triton_sm90 import results_in_child
+
+    rings = results_in_child("tests.attention.test_triton_cpu", "_compile_decode_sm90(*t)",
+                             tiles="DECODE_SM90_TILES", fn="_compile_decode_sm90")
+    for (block_n, warps, stages), got in zip(DECODE_SM90_TILES, rings):
+        assert got == [stages - 1, stages - 1], (block_n, warps, stages, got)
