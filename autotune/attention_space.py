@@ -138,7 +138,7 @@ def spaces(kind: str = "full") -> dict[str, Space]:
         "paged_decode_triton": Space(
             {"num_splits": SPLITS, "BLOCK_N": (64,) if quick else (32, 64, 128),
              "num_warps": (4,) if quick else (2, 4, 8),
-             "num_stages": (2,) if quick else (1, 2, 3, 4, 5)}, valid=decode_triton_valid),
+             "num_stages": (2,) if quick else (1, 2, 3, 4)}, valid=decode_triton_valid),
         "paged_decode_cuda": Space({"num_splits": SPLITS, "num_stages": (2, 3)},
                                    valid=decode_cuda_valid),
         "paged_prefill_triton": Space(

@@ -81,8 +81,10 @@ def test_decode_blocks_warps_and_stages_fit(h200_sms):
     assert not ok({**base, "BLOCK_N": 128}, _anchor(1, 4096, head_dim=256))  # 32K-value tile
     assert not ok({**base, "BLOCK_N": 128, "num_warps": 2}, _anchor(1, 4096))  # 256 per thread
     assert not ok({**base, "BLOCK_N": 32, "num_warps": 8}, _anchor(1, 4096, head_dim=64))
-    assert not ok({**base, "BLOCK_N": 128, "num_stages": 4}, _anchor(1, 4096))  # 256 KB smem
-    assert ok({**base, "BLOCK_N": 128, "num_stages": 4},
+    # K and V rings of num_stages - 1 buffers (the carried page index): 3 x 64 KB fit, 4 do not
+    assert ok({**base, "BLOCK_N": 128, "num_stages": 4}, _anchor(1, 4096))
+    assert not ok({**base, "BLOCK_N": 128, "num_stages": 5}, _anchor(1, 4096))  # 256 KB smem
+    assert ok({**base, "BLOCK_N": 128, "num_stages": 5},
               _anchor(1, 4096, kv_dtype="float8_e4m3fn"))  # 128 KB with a 1-byte cache
 
 
@@ -99,14 +101,14 @@ def test_prefill_tiles_fit_registers_and_shared_memory():
 
 
 def test_anchor_grid_tunes_in_minutes(capsys, h200_sms):
-    """The candidate counts behind the 'few minutes on an H200' estimate of the full grid: 1161
+    """The candidate counts behind the 'few minutes on an H200' estimate of the full grid: 1233
     Triton decode candidates (split counts are launch arguments, not recompiles) timed with the
-    backend choice in 66 s, the whole grid (1335 candidates) in 287 s (H200, 2026-11-21)."""
+    backend choice in 95 s (H200, 2026-11-21, the carried page index; 1161 in 66 s before)."""
     assert drv.main(["--dry-run", "--op", "paged_decode_triton"]) == 0
     out = capsys.readouterr().out
     counts = [int(line.split("tune ")[1].split()[0]) for line in out.splitlines()
               if "tune " in line]
-    assert len(counts) == 9 and sum(counts) <= 1200 and max(counts) <= 250
+    assert len(counts) == 9 and sum(counts) <= 1250 and max(counts) <= 260
     assert drv.main(["--dry-run", "--op", "paged_prefill_triton"]) == 0
     out = capsys.readouterr().out
     counts = [int(line.split("tune ")[1].split()[0]) for line in out.splitlines()
