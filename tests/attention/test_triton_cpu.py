@@ -126,6 +126,16 @@ def test_plan_objects_with_fixed_buffers():
 # ---- what the compiler makes of the prefill for Hopper (sm_90a, no GPU needed) -----------------
 
 
+def _sm90_signature(fn, const: dict, ptrs: dict) -> tuple[dict, dict, list[str]]:
+    """(signature, constants, 16-aligned arguments) of an attention kernel for compile_sm90:
+    `ptrs` typed as given, other pointers int32, the scales fp32, the rest int32; the data
+    pointers and strides aligned as launched."""
+    floats = ("qk_scale", "cap_scale", "v_scale")
+    sig = {n: ptrs.get(n) or ("*i32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
+           for n in fn.arg_names if n not in const}
+    return sig, const, [*ptrs, *(n for n in fn.arg_names if n.startswith("stride_"))]
+
+
 def _compile_sm90(block_m: int, block_n: int, warps: int, stages: int, head_dim: int = 128,
                   soft_cap: bool = False):
     from tests.triton_sm90 import compile_sm90
@@ -134,11 +144,7 @@ def _compile_sm90(block_m: int, block_n: int, warps: int, stages: int, head_dim:
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=16, CAUSAL=True,
                  SOFT_CAP=soft_cap, WINDOW=False)
     ptrs = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16"}
-    floats = ("qk_scale", "cap_scale", "v_scale")
-    sig = {n: ptrs.get(n) or ("*i32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
-           for n in fn.arg_names if n not in const}
-    aligned = [*ptrs, *(n for n in fn.arg_names if n.startswith("stride_"))]
-    r = compile_sm90(fn, sig, const, aligned, warps, stages)
+    r = compile_sm90(fn, *_sm90_signature(fn, const, ptrs), warps, stages)
     return r["regs"], r["stack"], r["wgmma"], r["hazards"]
 
 
@@ -171,11 +177,7 @@ def _compile_decode_sm90(block_n: int, warps: int, stages: int) -> list[int]:
                  WINDOW=False, DIRECT=False, PDL=True)
     ptrs = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "out_ptr": "*bf16", "po_ptr": "*fp32",
             "plse_ptr": "*fp32"}
-    floats = ("qk_scale", "cap_scale", "v_scale")
-    sig = {n: ptrs.get(n) or ("*i32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
-           for n in fn.arg_names if n not in const}
-    aligned = [*ptrs, *(n for n in fn.arg_names if n.startswith("stride_"))]
-    return compile_sm90(fn, sig, const, aligned, warps, stages)["rings"]
+    return compile_sm90(fn, *_sm90_signature(fn, const, ptrs), warps, stages)["rings"]
 
 
 DECODE_SM90_TILES = [(64, 2, 3), (64, 4, 4), (128, 8, 3)]  # (BLOCK_N, warps, stages)
