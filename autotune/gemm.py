@@ -239,7 +239,8 @@ def spaces(kind: str = "full") -> dict[str, Space]:
     return {
         "fp8_gemm_cuda": Space({"block_n": tunables.CUDA_BLOCK_N,
                                 "block_m": tunables.CUDA_BLOCK_M, "splits": CUDA_SPLITS,
-                                "num_stages": CUDA_STAGES}, valid=cuda_valid),
+                                "num_stages": CUDA_STAGES, "wgmma": (False, True)},
+                               valid=cuda_valid),
         "fp8_gemm_triton": Space({"BLOCK_N": (64, 128), "BLOCK_M": (16, 32, 64, 128, 256),
                                   "BLOCK_K": (64, 128), "SPLIT_K": TRITON_SPLITS,
                                   "num_warps": (4, 8), "num_stages": (1, 2, 3, 4, 5),

@@ -21,4 +21,5 @@ void moe_align_block_size(at::Tensor& sorted_token_ids, at::Tensor& expert_ids,
                           const std::optional<at::Tensor>& expert_map);
 void fp8_marlin_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
                      const at::Tensor& scales, at::Tensor& locks, int64_t block_n,
-                     int64_t block_m, int64_t splits, int64_t num_stages, bool use_atomic_add);
+                     int64_t block_m, int64_t splits, int64_t num_stages, bool use_atomic_add,
+                     bool wgmma);

@@ -19,7 +19,8 @@ TORCH_LIBRARY(pykernels, m) {
         "Tensor! num_tokens_post_padded, Tensor topk_ids, int num_experts, int block_size, "
         "Tensor? expert_map) -> ()");
   m.def("fp8_marlin_gemm(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor! locks, "
-        "int block_n, int block_m, int splits, int num_stages, bool use_atomic_add) -> ()");
+        "int block_n, int block_m, int splits, int num_stages, bool use_atomic_add, "
+        "bool wgmma=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {

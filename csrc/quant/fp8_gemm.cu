@@ -1,4 +1,5 @@
 // Launcher of fp8_marlin_gemm: input checks, split-K choice, workspace; kernel in fp8_gemm.cuh.
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,33 +20,33 @@ constexpr int kMaxStages = 8;
 constexpr int kMaxSmem = 226 * 1024;  // of 227 KB per block on sm_90, less the static flag
 constexpr int kMinPanelsPerSplit = 2;  // fewer and the split's prologue is all it does
 
-template <int MI, int BM, bool kGrouped>
-int smem_bytes(int stages) {
-  return stages * Tile<MI, BM, kGrouped>::kStageBytes;
+template <int MI, int BM, bool kGrouped, bool kWg>
+int smem_bytes(int stages) {  // kWg: + the slack to a 1 KB boundary (fp8_gemm_kernel)
+  return stages * Tile<MI, BM, kGrouped, kWg>::kStageBytes + (kWg ? 1024 : 0);
 }
 
 // Opts the kernel in to `smem` bytes of dynamic shared memory (once per new maximum: a call
 // with fewer stages must not lower the limit a deeper one set).
-template <typename T, int MI, int BM, bool kGrouped>
+template <typename T, int MI, int BM, bool kGrouped, bool kWg>
 void opt_in(int smem) {
   static std::atomic<int> opted{0};
   if (smem > opted.load(std::memory_order_relaxed)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(fp8_gemm_kernel<T, MI, BM, kGrouped>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fp8_gemm_kernel<T, MI, BM, kGrouped, kWg>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     opted.store(smem, std::memory_order_relaxed);
   }
 }
 
 // CTAs per SM for one instantiation and depth, asked once (no driver call on the hot path).
-template <typename T, int MI, int BM, bool kGrouped>
+template <typename T, int MI, int BM, bool kGrouped, bool kWg>
 int ctas_per_sm(int stages) {
   static std::atomic<int> cache[kMaxStages + 1] = {};
   int n = cache[stages].load(std::memory_order_relaxed);
   if (n == 0) {
-    const int smem = smem_bytes<MI, BM, kGrouped>(stages);
-    opt_in<T, MI, BM, kGrouped>(smem);
+    const int smem = smem_bytes<MI, BM, kGrouped, kWg>(stages);
+    opt_in<T, MI, BM, kGrouped, kWg>(smem);
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &n, fp8_gemm_kernel<T, MI, BM, kGrouped>, kThreads, smem));
+        &n, fp8_gemm_kernel<T, MI, BM, kGrouped, kWg>, kThreads, smem));
     n = std::max(n, 1);
     cache[stages].store(n, std::memory_order_relaxed);
   }
@@ -59,16 +60,16 @@ int choose_splits(int tiles, int kt, int slots) {
   return std::max(1, std::min(slots / tiles, kt / kMinPanelsPerSplit));
 }
 
-template <typename T, int MI, int BM, bool kGrouped>
+template <typename T, int MI, int BM, bool kGrouped, bool kWg>
 void launch(Params& p, int splits, at::Tensor& locks, const at::Tensor& x) {
-  using Tl = Tile<MI, BM, kGrouped>;
+  using Tl = Tile<MI, BM, kGrouped, kWg>;
   const int m_tiles = (p.m + BM - 1) / BM, n_tiles = p.n / Tl::kBN;
   const int tiles = m_tiles * n_tiles;
-  const int smem = smem_bytes<MI, BM, kGrouped>(p.stages);
+  const int smem = smem_bytes<MI, BM, kGrouped, kWg>(p.stages);
   TORCH_CHECK_VALUE(smem <= kMaxSmem, "fp8_marlin_gemm: block_m=", BM, " with num_stages=",
                     p.stages, " needs ", smem, " bytes of shared memory (> 226 KB)");
   if (splits <= 0) {
-    const int slots = ctas_per_sm<T, MI, BM, kGrouped>(p.stages) * sm_count();
+    const int slots = ctas_per_sm<T, MI, BM, kGrouped, kWg>(p.stages) * sm_count();
     splits = choose_splits(tiles, p.kt, slots);
   }
   splits = std::min(splits, p.kt);
@@ -82,33 +83,40 @@ void launch(Params& p, int splits, at::Tensor& locks, const at::Tensor& x) {
     p.partial = partial.data_ptr<float>();
     p.locks = locks.data_ptr<int>();
   }
-  opt_in<T, MI, BM, kGrouped>(smem);
+  opt_in<T, MI, BM, kGrouped, kWg>(smem);
   const dim3 grid(m_tiles, n_tiles, splits);
-  fp8_gemm_kernel<T, MI, BM, kGrouped>
+  fp8_gemm_kernel<T, MI, BM, kGrouped, kWg>
       <<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int MI, bool kGrouped>
+template <typename T, int MI, bool kGrouped, bool kWg>
 void dispatch_bm(Params& p, int block_m, int splits, at::Tensor& locks, const at::Tensor& x) {
   switch (block_m) {
-    case 8: return launch<T, MI, 8, kGrouped>(p, splits, locks, x);
-    case 16: return launch<T, MI, 16, kGrouped>(p, splits, locks, x);
-    case 32: return launch<T, MI, 32, kGrouped>(p, splits, locks, x);
-    case 64: return launch<T, MI, 64, kGrouped>(p, splits, locks, x);
+    case 8: return launch<T, MI, 8, kGrouped, kWg>(p, splits, locks, x);
+    case 16: return launch<T, MI, 16, kGrouped, kWg>(p, splits, locks, x);
+    case 32: return launch<T, MI, 32, kGrouped, kWg>(p, splits, locks, x);
+    case 64: return launch<T, MI, 64, kGrouped, kWg>(p, splits, locks, x);
     default: TORCH_CHECK_VALUE(false, "block_m must be 8, 16, 32 or 64, got ", block_m);
   }
 }
 
-template <typename T, bool kGrouped>
-void dispatch(Params& p, int block_n, int block_m, int splits, at::Tensor& locks,
-              const at::Tensor& x) {
+template <typename T, bool kGrouped, bool kWg>
+void dispatch_bn(Params& p, int block_n, int block_m, int splits, at::Tensor& locks,
+                 const at::Tensor& x) {
   TORCH_CHECK_VALUE(block_n == 64 || block_n == 128, "block_n must be 64 or 128, got ", block_n);
   // 128-channel CTAs need N % 128 == 0; otherwise the 64-channel kernel runs.
   if (block_n == 128 && p.n % 128 == 0) {
-    return dispatch_bm<T, 2, kGrouped>(p, block_m, splits, locks, x);
+    return dispatch_bm<T, 2, kGrouped, kWg>(p, block_m, splits, locks, x);
   }
-  dispatch_bm<T, 1, kGrouped>(p, block_m, splits, locks, x);
+  dispatch_bm<T, 1, kGrouped, kWg>(p, block_m, splits, locks, x);
+}
+
+template <typename T, bool kGrouped>
+void dispatch(Params& p, int block_n, int block_m, int splits, bool wgmma, at::Tensor& locks,
+              const at::Tensor& x) {
+  if (wgmma) return dispatch_bn<T, kGrouped, true>(p, block_n, block_m, splits, locks, x);
+  dispatch_bn<T, kGrouped, false>(p, block_n, block_m, splits, locks, x);
 }
 
 void check_inputs(const at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
@@ -159,7 +167,8 @@ bool rows_aligned(const at::Tensor& x) {
 
 void fp8_marlin_gemm(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& qweight,
                      const at::Tensor& scales, at::Tensor& locks, int64_t block_n,
-                     int64_t block_m, int64_t splits, int64_t num_stages, bool use_atomic_add) {
+                     int64_t block_m, int64_t splits, int64_t num_stages, bool use_atomic_add,
+                     bool wgmma) {
   using namespace pykernels::fp8_gemm;
   check_inputs(out, x_in, qweight, scales, locks);
   // A row-strided view whose rows are not 16-byte aligned is copied once (cp.async needs them).
@@ -168,6 +177,12 @@ void fp8_marlin_gemm(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& 
                     kMaxStages, "], got ", num_stages);
   if (x.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  if (wgmma) {  // sm_90a instructions: the kernel is built for 9.0a (TORCH_CUDA_ARCH_LIST)
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK_VALUE(prop->major == 9 && prop->minor == 0,
+                      "fp8_marlin_gemm: wgmma=True needs an sm_90 GPU (H100/H200), got sm_",
+                      prop->major, prop->minor);
+  }
   Params p{};
   p.x = x.data_ptr();
   p.w = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
@@ -180,10 +195,10 @@ void fp8_marlin_gemm(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& 
   const bool grouped = scales.dim() == 2;
   const int bn = (int)block_n, bm = (int)block_m, sp = (int)splits;
   if (x.scalar_type() == at::kBFloat16) {
-    grouped ? dispatch<__nv_bfloat16, true>(p, bn, bm, sp, locks, x)
-            : dispatch<__nv_bfloat16, false>(p, bn, bm, sp, locks, x);
+    grouped ? dispatch<__nv_bfloat16, true>(p, bn, bm, sp, wgmma, locks, x)
+            : dispatch<__nv_bfloat16, false>(p, bn, bm, sp, wgmma, locks, x);
   } else {
-    grouped ? dispatch<__half, true>(p, bn, bm, sp, locks, x)
-            : dispatch<__half, false>(p, bn, bm, sp, locks, x);
+    grouped ? dispatch<__half, true>(p, bn, bm, sp, wgmma, locks, x)
+            : dispatch<__half, false>(p, bn, bm, sp, wgmma, locks, x);
   }
 }

@@ -11,8 +11,9 @@
 //   W: BN rows x 128 fp8 (one contiguous run of the packed [KT, N, 128] tensor),
 //   X: BM rows x 128 activations (BM x 256 B), and for group scales BN fp32.
 // A fragments come from ldmatrix on the fp8 bytes: lane (g, t) gets bytes 4t..4t+3 of rows g and
-// g + 8 per 16-k step. Those four k's feed the mma's k slots (2t, 2t+1) and (2t+8, 2t+9); the
-// B fragment (activations) is then the same four k's, one 8-byte shared load, no shuffle.
+// g + 8 per 16-k step, which the packed layout 2 (docs/quant.md) fills with k 2t, 2t+1, 2t+8,
+// 2t+9: the mma's own A-fragment k's, so the activations stay in k order (B fragments by
+// ldmatrix here, the wgmma path's B straight from shared memory).
 // FP8 -> 16-bit by bit tricks, 2 integer-ALU and 2 FMA-pipe instructions per 2 weights (the ALU
 // pipe issues every other cycle, so at M <= 16 the dequant's ALU share sets the speed): a byte
 // permute (ALU) puts two e4m3 bytes in the low bytes of two 16-bit lanes, a multiply by 2^4
@@ -34,6 +35,7 @@
 #include "../common/async_copy.cuh"
 #include "../common/mma.cuh"
 #include "../common/vec.cuh"
+#include "../common/wgmma.cuh"
 
 namespace pykernels {
 namespace fp8_gemm {
@@ -127,15 +129,17 @@ __device__ __forceinline__ int swz(int r, int c, int row_bytes) {
 }
 
 // One instantiation's tile: MI m16 weight tiles per warp (BN = 64 MI channels per CTA), BM
-// tokens (BM / 8 mma n-blocks).
-template <int MI, int BM, bool kGrouped>
+// tokens (BM / 8 mma n-blocks). kWg: the wgmma path (below): stages start on 1 KB boundaries, so
+// every stage's X tile sits where the 128-byte swizzle expects it.
+template <int MI, int BM, bool kGrouped, bool kWg = false>
 struct Tile {
   static constexpr int kBN = 4 * 16 * MI;
   static constexpr int kNB = BM / 8;
   static constexpr int kWBytes = kBN * kBlockK;
   static constexpr int kXBytes = BM * kBlockK * 2;
   static constexpr int kSBytes = kGrouped ? kBN * 4 : 0;
-  static constexpr int kStageBytes = kWBytes + kXBytes + kSBytes;
+  static constexpr int kStageBytes = kWg ? (kWBytes + kXBytes + kSBytes + 1023) / 1024 * 1024
+                                         : kWBytes + kXBytes + kSBytes;
   static constexpr int kWChunks = kWBytes / 16 / kThreads;  // per thread per stage
   static constexpr int kXChunks = BM * 16 / kThreads;       // BM >= 8: >= 1
 };
@@ -143,9 +147,9 @@ struct Tile {
 // The cp.async copies of one K panel, with every per-thread address computed once: a stage is
 // W (BN rows x 128 B, one contiguous run of the packed weight), X (BM rows x 256 B; rows >= m
 // and, in a K % 128 == 64 tail, columns >= k zero-filled) and the group scales.
-template <typename T, int MI, int BM, bool kGrouped>
+template <typename T, int MI, int BM, bool kGrouped, bool kWg = false>
 struct Loader {
-  using Tl = Tile<MI, BM, kGrouped>;
+  using Tl = Tile<MI, BM, kGrouped, kWg>;
   const uint8_t* w;  // this thread's first W chunk in panel 0
   const T* x;        // this thread's first X chunk in panel 0
   const T* x_any;    // a valid address for the zero-filled copies (nothing is read from it)
@@ -159,15 +163,19 @@ struct Loader {
     w = p.w + (int64_t)n0 * kBlockK + tid * 16;
     w_panel = (int64_t)p.n * kBlockK;
     w_dst = swz(wr, tid & 7, kBlockK);
+    x_any = static_cast<const T*>(p.x);
+    s = p.scales + n0 + tid * 4;
     x_col = xc * 8;
     x_row8 = 8 * p.x_stride;
-    x_any = static_cast<const T*>(p.x);
     x = x_any + (int64_t)(m0 + xr) * p.x_stride + x_col;
-    x_dst = Tl::kWBytes + swz(xr, xc, kBlockK * 2);
+    // kWg: the wgmma B tile, two 128-byte-swizzled K-major halves (k 0..63, 64..127) of BM rows
+    // of 128 bytes (wgmma.cuh); else rows of 256 bytes, XOR-swizzled over 8 rows.
+    x_dst = Tl::kWBytes + (kWg ? (xc >> 3) * BM * 128 + xr * 128 + (((xc & 7) ^ (xr & 7)) << 4)
+                               : swz(xr, xc, kBlockK * 2));
     const int rows_left = p.m - m0 - xr;  // chunk i is row xr + 8 i: valid while 8 i < rows_left
     x_rows = rows_left <= 0 ? 0 : min(Tl::kXChunks, (rows_left + 7) / 8);
-    s = p.scales + n0 + tid * 4;
   }
+
 
   __device__ __forceinline__ void load(const Params& p, uint8_t* stage, int kt) const {
     const uint8_t* wsrc = w + kt * w_panel;
@@ -177,10 +185,11 @@ struct Loader {
     }
     const bool col_ok = kt * kBlockK + x_col < p.k;
     const T* xsrc = x + kt * kBlockK;
+    constexpr int kRow8 = kWg ? 8 * 128 : 8 * kBlockK * 2;  // shared bytes between rows r, r + 8
 #pragma unroll
     for (int i = 0; i < Tl::kXChunks; ++i) {
       const bool ok = i < x_rows && col_ok;
-      cp_async_16(stage + x_dst + i * 8 * kBlockK * 2, ok ? xsrc + i * x_row8 : x_any, ok);
+      cp_async_16(stage + x_dst + i * kRow8, ok ? xsrc + i * x_row8 : x_any, ok);
     }
     if constexpr (kGrouped) {
       if (threadIdx.x < Tl::kBN / 4) {
@@ -198,7 +207,7 @@ __device__ __forceinline__ void compute_stage(const uint8_t* stage,
                                               float (&acc)[MI][BM / 8][4]) {
   using Tl = Tile<MI, BM, kGrouped>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
+  const int g = lane >> 2;
   uint32_t sc[MI][2] = {};  // group scale x 2^(bias difference), rows g and g + 8 of each m16 tile
   if constexpr (kGrouped) {
     const float* s = reinterpret_cast<const float*>(stage + Tl::kWBytes + Tl::kXBytes);
@@ -214,15 +223,24 @@ __device__ __forceinline__ void compute_stage(const uint8_t* stage,
   const int lrow = warp * 16 * MI + (lane & 7) + ((lane >> 3) & 1) * 8;
   const int lx = (lane >> 4) ^ (lrow & 7);
   const uint8_t* wbase = stage + lrow * kBlockK;
-  // X: the 8 bytes at k 16 ks + 4t of token row 8j + g: chunk (2 ks + t / 2) ^ g.
-  const uint8_t* xbase = stage + Tl::kWBytes + g * kBlockK * 2 + (t & 1) * 8;
-  const int xx = (t >> 1) ^ g;
+  // X (B fragments, k order): per 32 k and n-block j one ldmatrix.x4 over token rows
+  // 8j..8j+7, matrix q = chunk 4 kp + q (lanes 8q..8q+7 address it): lane (g, t) gets k 2t, 2t+1
+  // and k 2t+8, 2t+9 of token 8j + g for both 16-k steps (b[0], b[1]: the first; b[2], b[3]:
+  // the second). Half an instruction per n-block and 16-k step (layout 1 needed one LDS.64;
+  // two LDS.32 or an ldmatrix.x2 per step in k order ran M = 1 up to 15% slower, H200).
+  const uint8_t* xbase = stage + Tl::kWBytes + (lane & 7) * kBlockK * 2;
+  const int xq = lane >> 3;
 #pragma unroll
   for (int kp = 0; kp < kBlockK / 32; ++kp) {
     uint32_t w4[MI][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi) {
       ldmatrix_x4(w4[mi], wbase + mi * 16 * kBlockK + (((2 * kp) ^ lx) << 4));
+    }
+    uint32_t b[BM / 8][4];
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j) {
+      ldmatrix_x4(b[j], xbase + j * 8 * kBlockK * 2 + (((4 * kp + xq) ^ (lane & 7)) << 4));
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // the two 16-k steps of this ldmatrix
@@ -235,20 +253,98 @@ __device__ __forceinline__ void compute_stage(const uint8_t* stage,
         a[mi][2] = dequant2<T, 0x4342, kGrouped>(lo, sc[mi][0]);
         a[mi][3] = dequant2<T, 0x4342, kGrouped>(hi, sc[mi][1]);
       }
-      const uint8_t* xrow = xbase + (((2 * (2 * kp + h)) ^ xx) << 4);
 #pragma unroll
       for (int j = 0; j < BM / 8; ++j) {
-        const uint2 b = *reinterpret_cast<const uint2*>(xrow + j * 8 * kBlockK * 2);
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) mma_16816<T>(acc[mi][j], a[mi], b.x, b.y);
+        for (int mi = 0; mi < MI; ++mi) {
+          mma_16816<T>(acc[mi][j], a[mi], b[j][2 * h], b[j][2 * h + 1]);
+        }
       }
     }
   }
 }
 
+// The wgmma path (kWg, sm_90a): the same K panel as compute_stage, but one warpgroup MMA
+// (m64 x BM x k16, A = 64 channels from registers, B = the BM tokens from shared memory by
+// descriptor) where compute_stage issues 4 warps x BM / 8 mma.sync, each reading its activation
+// fragment from shared memory: the tensor core reads B once for the warpgroup. Warp w holds
+// channels 64 mi + 16 w .. + 15 of wgmma mi (compute_stage: 16 (MI w + mi) ..); the A fragments
+// come from ldmatrix on the fp8 bytes and dequant2 as there (k order: packed layout 2), B is
+// the activations in k order. Two fragment buffers: step s + 1 is dequantized while step s's
+// wgmma runs.
+template <typename T, int MI, int BM, bool kGrouped>
+__device__ __forceinline__ void compute_stage_wg(const uint8_t* stage,
+                                                 float (&acc)[MI][BM / 8][4]) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tl = Tile<MI, BM, kGrouped, true>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  uint32_t sc[MI][2] = {};
+  if constexpr (kGrouped) {
+    const float* s = reinterpret_cast<const float*>(stage + Tl::kWBytes + Tl::kXBytes);
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      const int row = mi * 64 + warp * 16 + g;
+      sc[mi][0] = splat2<T>(s[row] * Fp8Traits<T>::bias());
+      sc[mi][1] = splat2<T>(s[row + 8] * Fp8Traits<T>::bias());
+    }
+  }
+  // ldmatrix.x4 rows as in compute_stage; the row's swizzle XOR (row % 8) is lane % 8 for
+  // every mi.
+  const uint8_t* wbase = stage + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kBlockK;
+  const int lx = (lane >> 4) ^ (lane & 7);
+  const uint8_t* xs = stage + Tl::kWBytes;
+  uint32_t a[2][MI][4];
+#pragma unroll
+  // the accumulator in place before the MMAs
+  for (int mi = 0; mi < MI; ++mi) keep_live(reinterpret_cast<float(&)[BM / 2]>(acc[mi]));
+#pragma unroll
+  for (int kp = 0; kp < kBlockK / 32; ++kp) {
+    uint32_t w4[MI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      ldmatrix_x4(w4[mi], wbase + mi * 64 * kBlockK + (((2 * kp) ^ lx) << 4));
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // k16 step 2 kp + h, fragment buffer h
+      if (kp > 0) {  // buffer h was read by step 2 kp + h - 2: retire it (one group may stay)
+        wgmma_wait<1>();
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) keep_live(a[h][mi]);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const uint32_t lo = w4[mi][2 * h], hi = w4[mi][2 * h + 1];  // rows g, g + 8
+        a[h][mi][0] = dequant2<T, 0x4140, kGrouped>(lo, sc[mi][0]);
+        a[h][mi][1] = dequant2<T, 0x4140, kGrouped>(hi, sc[mi][1]);
+        a[h][mi][2] = dequant2<T, 0x4342, kGrouped>(lo, sc[mi][0]);
+        a[h][mi][3] = dequant2<T, 0x4342, kGrouped>(hi, sc[mi][1]);
+      }
+      const int step = 2 * kp + h;  // B's 16 k: half step / 4 of the tile, 32 bytes a step in it
+      const uint64_t desc = wgmma_desc_sw128(xs + (step >> 2) * BM * 128 + (step & 3) * 32);
+      wgmma_fence();
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        WgmmaRS<T, BM>::mma(reinterpret_cast<float(&)[BM / 2]>(acc[mi]), a[h][mi], desc);
+      }
+      wgmma_commit();
+    }
+  }
+  wgmma_wait<0>();  // before the stage is refilled and the accumulator read
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    keep_live(a[0][mi]);
+    keep_live(a[1][mi]);
+    keep_live(reinterpret_cast<float(&)[BM / 2]>(acc[mi]));
+  }
+#else
+  __trap();  // built without sm_90a: the host refuses wgmma configs on other GPUs
+#endif
+}
+
 // Scales (per channel) and stores one CTA's tile: acc[mi][j] = (channel g / g + 8 of m16 tile
 // mi, tokens 8j + 2t, + 1).
-template <typename T, int MI, int BM, bool kGrouped>
+template <typename T, int MI, int BM, bool kGrouped, bool kWg>
 __device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[MI][BM / 8][4],
                                            int n0, int m0) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -256,7 +352,8 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[M
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi) {
-    const int n_lo = n0 + warp * 16 * MI + mi * 16 + g, n_hi = n_lo + 8;
+    const int n_lo = n0 + (kWg ? mi * 64 + warp * 16 : warp * 16 * MI + mi * 16) + g;
+    const int n_hi = n_lo + 8;
     // Without group scales: 2^(bias difference) first (exact), then the channel scale, so the
     // product of the two (up to 2^128 for bf16) is never formed.
     const float bias = kGrouped ? 1.f : Fp8Traits<T>::bias();
@@ -327,16 +424,32 @@ __device__ __forceinline__ void wait_upto(int pending) {
 
 // grid (m tiles, n tiles, splits): m tiles vary fastest so the CTAs that share a weight panel run
 // together and all but the first read it from L2.
-template <typename T, int MI, int BM, bool kGrouped>
+// kWg: the K panels on wgmma (compute_stage_wg), else mma.sync (compute_stage).
+template <typename T, int MI, int BM, bool kGrouped, bool kWg>
 __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  using Tl = Tile<MI, BM, kGrouped>;
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  // kWg: the stages from the next 1 KB boundary (the B tiles' swizzle atoms); the launcher adds
+  // that slack to the dynamic shared memory. (An __align__(1024) declaration would reserve
+  // 1 KB of static shared memory in every instantiation.)
+  uint8_t* smem = smem_raw;
+  if constexpr (kWg) smem += (1024 - (smem_addr(smem_raw) & 1023)) & 1023;
+  using Tl = Tile<MI, BM, kGrouped, kWg>;
   constexpr int kStage = Tl::kStageBytes;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * Tl::kBN, split = blockIdx.z;
   const int kt0 = (int)((int64_t)split * p.kt / p.splits);
   const int kt1 = (int)((int64_t)(split + 1) * p.kt / p.splits);
   const int steps = kt1 - kt0, stages = p.stages;
-  const Loader<T, MI, BM, kGrouped> loader(p, n0, m0);
+  const Loader<T, MI, BM, kGrouped, kWg> loader(p, n0, m0);
+  // One K panel in shared memory. kWg: wgmma reads it through the async proxy, so each
+  // thread's landed cp.async writes are fenced over to it before the barrier that publishes
+  // them.
+  auto compute = [&](const uint8_t* stage, float (&a)[MI][BM / 8][4]) {
+    if constexpr (kWg) {
+      compute_stage_wg<T, MI, BM, kGrouped>(stage, a);
+    } else {
+      compute_stage<T, MI, BM, kGrouped>(stage, a);
+    }
+  };
 
   float acc[MI][BM / 8][4];
 #pragma unroll
@@ -352,8 +465,9 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
       loader.load(p, smem, kt0 + i);
       cp_async_commit();
       cp_async_wait<0>();
+      if constexpr (kWg) fence_proxy_async();
       __syncthreads();
-      compute_stage<T, MI, BM, kGrouped>(smem, acc);
+      compute(smem, acc);
       __syncthreads();
     }
   } else {
@@ -364,10 +478,11 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
     int read = 0, write = stages - 1;
     for (int i = 0; i < steps; ++i) {
       wait_upto<6>(stages - 2);  // panel i has landed; stages - 2 younger ones may be in flight
+      if constexpr (kWg) fence_proxy_async();
       __syncthreads();           // ... for every thread, and all are done with panel i - 1
       if (i + stages - 1 < steps) loader.load(p, smem + write * kStage, kt0 + i + stages - 1);
       cp_async_commit();
-      compute_stage<T, MI, BM, kGrouped>(smem + read * kStage, acc);
+      compute(smem + read * kStage, acc);
       read = read + 1 == stages ? 0 : read + 1;
       write = write + 1 == stages ? 0 : write + 1;
     }
@@ -380,7 +495,7 @@ __global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
       return;
     }
   }
-  store_tile<T, MI, BM, kGrouped>(p, acc, n0, m0);
+  store_tile<T, MI, BM, kGrouped, kWg>(p, acc, n0, m0);
 }
 
 }  // namespace fp8_gemm

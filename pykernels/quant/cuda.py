@@ -8,6 +8,8 @@ running at once on different streams of one device would share it: pass each its
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pykernels import _ops, envs
@@ -21,7 +23,7 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 @torch.library.register_fake("pykernels::fp8_marlin_gemm")
 def _fp8_marlin_gemm_fake(out, x, qweight, scales, locks, block_n, block_m, splits, num_stages,
-                          use_atomic_add) -> None:
+                          use_atomic_add, wgmma=False) -> None:
     return None
 
 
@@ -50,7 +52,14 @@ def config_for(x2d: torch.Tensor, n: int, scales: torch.Tensor, stages: int | No
         cfg["num_stages"] = stages
     if envs.TRITON_DISABLE_MACA_OPT_MMA_PREFETCH:
         cfg["num_stages"] = 1
+    if cfg.get("wgmma") and not _sm90(x2d.device):
+        cfg["wgmma"] = False  # sm_90a instructions (a config shipped for an H100 / H200)
     return cfg
+
+
+@functools.cache
+def _sm90(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, *,
@@ -63,4 +72,4 @@ def gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: to
     torch.ops.pykernels.fp8_marlin_gemm(
         out, x2d, qweight, scales, _locks(x2d.device) if locks is None else locks,
         int(cfg["block_n"]), int(cfg["block_m"]), int(cfg["splits"]), int(cfg["num_stages"]),
-        atomic)
+        atomic, bool(cfg.get("wgmma", False)))

@@ -19,6 +19,7 @@ from torch import nn
 
 from pykernels import envs
 from pykernels._log import get_logger
+from pykernels.quant.pack import LAYOUT
 
 log = get_logger("quant")
 
@@ -66,9 +67,11 @@ class FP8WeightOnlyLinear(nn.Module):
         Where the (uninitialized) buffers are allocated.
 
     Buffers (all in ``state_dict``): ``qweight`` float8_e4m3fn ``[ceil(K/128), N, 128]``,
-    ``scales`` float32, ``bias`` (optional). Build one with :meth:`from_linear` or
-    :meth:`from_state_dict`; ``backend`` ("auto", "cuda", "triton", "torch") is passed to
-    ``fp8_marlin_gemm`` on every call.
+    ``scales`` float32, ``bias`` (optional), ``qweight_layout`` (int32 scalar: the packed byte
+    order, ``pack.LAYOUT`` = 2). A state dict without ``qweight_layout`` was saved before layout
+    2 (natural k order, layout 1) and is converted on load (a lossless byte permutation). Build
+    one with :meth:`from_linear` or :meth:`from_state_dict`; ``backend`` ("auto", "cuda",
+    "triton", "torch") is passed to ``fp8_marlin_gemm`` on every call.
 
     Example
     -------
@@ -98,6 +101,8 @@ class FP8WeightOnlyLinear(nn.Module):
                                                    dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device)
                              if bias else None)
+        self.register_buffer("qweight_layout", torch.tensor(LAYOUT, dtype=torch.int32,
+                                                            device=device))
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -113,7 +118,10 @@ class FP8WeightOnlyLinear(nn.Module):
     def from_state_dict(cls, state_dict, prefix: str = "", group_size: int | None = None,
                         in_features: int | None = None) -> FP8WeightOnlyLinear:
         """Build from ``{prefix}weight`` (bf16/fp16 ``[N, K]``: packed here) or from an already
-        packed ``{prefix}qweight`` / ``{prefix}scales`` pair; ``{prefix}bias`` is optional.
+        packed ``{prefix}qweight`` / ``{prefix}scales`` pair; ``{prefix}bias`` is optional. A
+        packed pair's byte order is ``{prefix}qweight_layout`` (absent: layout 1, saved before
+        layout 2, converted here). A pair from ``fp8_weight_pack`` is layout 2: add
+        ``{prefix}qweight_layout = 2`` (``pack.LAYOUT``) when building such a dict by hand.
 
         group_size: for a bf16 weight, the grouping to pack with (None = -1); for a packed pair
         it is read from the scales' shape, and a value given must agree. in_features: the
@@ -135,8 +143,10 @@ class FP8WeightOnlyLinear(nn.Module):
         for name, other in (("qweight", "scales"), ("scales", "qweight")):
             if prefix + name not in state_dict:
                 raise KeyError(f"state dict has {prefix}{other} but no {prefix}{name}")
-        return cls._from_packed(state_dict[prefix + "qweight"], state_dict[prefix + "scales"],
-                                bias, group_size, in_features, prefix)
+        qweight = _to_layout2(state_dict[prefix + "qweight"],
+                              state_dict.get(prefix + "qweight_layout"), prefix)
+        return cls._from_packed(qweight, state_dict[prefix + "scales"], bias, group_size,
+                                in_features, prefix)
 
     @classmethod
     def _from_weight(cls, weight: torch.Tensor, bias, group_size: int, what: str,
@@ -156,6 +166,7 @@ class FP8WeightOnlyLinear(nn.Module):
         mod = cls(k, n, bias is not None, group_size=group_size, dtype=weight.dtype,
                   device="meta")
         mod.qweight, mod.scales = packed.qweight, packed.scales
+        mod.qweight_layout = torch.tensor(LAYOUT, dtype=torch.int32, device=weight.device)
         if bias is not None:
             mod.bias = cls._checked_bias(bias, n, weight.dtype, weight.device, bias_name)
         return mod
@@ -184,6 +195,7 @@ class FP8WeightOnlyLinear(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         mod.qweight, mod.scales = qweight.contiguous(), scales.contiguous()
+        mod.qweight_layout = torch.tensor(LAYOUT, dtype=torch.int32, device=qweight.device)
         if bias is not None:
             mod.bias = cls._checked_bias(bias, n, bias.dtype, qweight.device, prefix + "bias")
         return mod
@@ -228,6 +240,17 @@ class FP8WeightOnlyLinear(nn.Module):
             if problems:
                 error_msgs.extend(problems)
                 return
+            layout = state_dict.get(prefix + "qweight_layout")
+            if layout is None or int(layout) != LAYOUT:
+                # Saved in layout 1 (no marker: before layout 2): load converted bytes, from a
+                # copy (the caller's dict is not touched).
+                try:
+                    converted = _to_layout2(q, layout, prefix)
+                except ValueError as e:
+                    error_msgs.append(str(e))
+                    return
+                state_dict = {**state_dict, prefix + "qweight": converted,
+                              prefix + "qweight_layout": torch.tensor(LAYOUT, dtype=torch.int32)}
         bias = state_dict.get(prefix + "bias")
         if isinstance(bias, torch.Tensor) and bias.dtype not in _ACT_DTYPES:
             error_msgs.append(f"{prefix}bias must be bfloat16 or float16, got "
@@ -262,6 +285,21 @@ class FP8WeightOnlyLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}, "
                 f"weight=float8_e4m3fn, backend={self.backend!r}")
+
+
+def _to_layout2(qweight, layout, prefix: str):
+    """A packed qweight in layout 2, from the layout its state dict names (None: 1)."""
+    from pykernels.quant.pack import to_fragment_order
+
+    found = 1 if layout is None else int(layout)
+    if found == LAYOUT:
+        return qweight
+    if found != 1 or not isinstance(qweight, torch.Tensor) or qweight.dim() != 3 \
+            or qweight.shape[-1] != _PANEL:
+        if found not in (1, LAYOUT):
+            raise ValueError(f"{prefix}qweight_layout must be 1 or {LAYOUT}, got {found}")
+        return qweight  # a malformed qweight: _packed_problems names it
+    return to_fragment_order(qweight)
 
 
 # ---- method selection and whole-model conversion ------------------------------------------------

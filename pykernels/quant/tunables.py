@@ -18,7 +18,8 @@ KEY = ("n", "k", "dtype", "group_size")
 BACKEND_CHOICES = ("cuda", "triton")
 
 # The CUDA kernel's tiles: 64 or 128 output channels (4 warps x 1 or 2 m16 tiles) by a
-# 128-wide K panel, 8..64 tokens.
+# 128-wide K panel, 8..64 tokens; `wgmma` (a config key, default off): the panel on warpgroup
+# MMAs (sm_90) instead of mma.sync.
 CUDA_BLOCK_N = (64, 128)
 CUDA_BLOCK_K = 128
 CUDA_BLOCK_M = (8, 16, 32, 64)
@@ -30,9 +31,12 @@ def _cuda_sources() -> tuple[str, ...]:
 
 def cuda_default(m: int, **_) -> dict:
     """Tokens per CTA: the smallest n8 multiple that holds m, capped at 64; 128 channels per CTA
-    (each activation fragment feeds two mma); splits 0 = chosen at launch to fill the GPU."""
+    (each activation fragment feeds two mma); splits 0 = chosen at launch to fill the GPU;
+    wgmma from m = 64 (1.10-1.36x mma.sync at m >= 64 on every bench shape, H200; the launcher
+    turns it off on GPUs other than sm_90)."""
     block_m = next((b for b in CUDA_BLOCK_M if b >= m), CUDA_BLOCK_M[-1])
-    return {"block_n": 128, "block_m": block_m, "splits": 0, "num_stages": 4, "prefetch": True}
+    return {"block_n": 128, "block_m": block_m, "splits": 0, "num_stages": 4, "prefetch": True,
+            "wgmma": m >= 64}
 
 
 def triton_default(m: int, **_) -> dict:

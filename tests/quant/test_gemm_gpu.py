@@ -85,6 +85,31 @@ def test_atomic_split_k(monkeypatch, m, group_size, backend):
     close(_run(x, p, backend), _want(x, p), _tol(backend, FP16, group_size))
 
 
+# The CUDA kernel's wgmma path (config key `wgmma`) at every block_m and both block_n, per
+# channel and per group, bf16 and fp16, a K % 128 == 64 tail, rows past M, split-K and prefetch
+# off: its activations go to shared memory by 4-byte copies in the k order of its A fragments,
+# so a wrong slot or a missed zero-fill shows as an error far above the tolerance.
+_WG = [(bn, bm, dtype, group, m, k, splits, stages)
+       for i, (bn, bm, m) in enumerate([(128, 8, 1), (64, 16, 13), (128, 32, 33), (128, 64, 64),
+                                        (64, 64, 100), (128, 16, 16), (64, 8, 3), (128, 64, 257)])
+       for dtype, group in [_COMBOS[i % 4]]
+       for k, splits, stages in [((4096, 4160)[i % 2], (1, 3, 0)[i % 3], (4, 1, 3)[i % 3])]]
+
+
+@pytest.mark.parametrize("bn, bm, dtype, group_size, m, k, splits, stages", _WG)
+def test_cuda_wgmma(bn, bm, dtype, group_size, m, k, splits, stages):
+    from pykernels.quant import cuda
+
+    p = _weight(1024, k, group_size)
+    x = make_x(m, k, dtype, device="cuda")
+    cfg = {"block_n": bn, "block_m": bm, "splits": splits, "num_stages": stages}
+    got, plain = (poisoned(m, 1024, dtype=dtype, device="cuda") for _ in range(2))
+    cuda.gemm(x, p.qweight, p.scales, got, config={**cfg, "wgmma": True})
+    cuda.gemm(x, p.qweight, p.scales, plain, config=cfg)
+    close(got, _want(x, p), _tol("cuda", dtype, group_size))
+    close(got, plain, _tol("cuda", dtype, group_size))
+
+
 @pytest.mark.parametrize("atomic", [False, True])
 @pytest.mark.parametrize("split_k", [2, 5])
 def test_triton_split_k(monkeypatch, split_k, atomic):

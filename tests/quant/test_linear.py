@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pykernels.quant import pack
 from pykernels.quant.linear import (
     FP8WeightOnlyLinear,
     quantize_model_fp8,
@@ -105,7 +106,7 @@ def test_extra_repr_and_module_api():
     assert "in_features=256, out_features=192, bias=True, group_size=128" in text
     assert "float8_e4m3fn" in text
     assert dict(q.named_parameters()) == {}  # buffers only: nothing for an optimizer
-    assert {n for n, _ in q.named_buffers()} == {"qweight", "scales", "bias"}
+    assert {n for n, _ in q.named_buffers()} == {"qweight", "scales", "bias", "qweight_layout"}
 
 
 def test_dtype_casts_keep_the_packed_weight():
@@ -131,7 +132,8 @@ def test_dtype_casts_keep_the_packed_weight():
 def test_state_dict_round_trip(group_size, bias):
     q = FP8WeightOnlyLinear.from_linear(_linear(bias=bias), group_size=group_size)
     sd = q.state_dict()
-    assert set(sd) == {"qweight", "scales"} | ({"bias"} if bias else set())
+    assert set(sd) == {"qweight", "scales", "qweight_layout"} | ({"bias"} if bias else set())
+    assert int(sd["qweight_layout"]) == pack.LAYOUT == 2
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -168,6 +170,40 @@ def test_from_state_dict_packed_pair_loads_it(group_size):
     assert q.in_features == 192
     x = torch.randn(3, 192, dtype=torch.bfloat16)
     assert torch.equal(q(x), small(x))
+
+
+def _layout1(sd: dict, prefix: str = "") -> dict:
+    """The state dict as saved before layout 2: natural k order, no qweight_layout."""
+    old = {k: v for k, v in sd.items() if k != prefix + "qweight_layout"}
+    old[prefix + "qweight"] = pack.from_fragment_order(sd[prefix + "qweight"])
+    return old
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_layout1_state_dicts_load_converted(group_size):
+    # A checkpoint saved before layout 2 has natural k order and no qweight_layout: both
+    # load_state_dict and from_state_dict convert it, and the caller's dict is left as it was.
+    ref = FP8WeightOnlyLinear.from_linear(_linear(), group_size=group_size)
+    old = _layout1(ref.state_dict())
+    before = old["qweight"].view(torch.uint8).clone()
+    assert not torch.equal(before, ref.qweight.view(torch.uint8))  # the orders differ
+    fresh = FP8WeightOnlyLinear(K, N, group_size=group_size)
+    fresh.load_state_dict(old)
+    built = FP8WeightOnlyLinear.from_state_dict(old)
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    for mod in (fresh, built):
+        assert torch.equal(mod.qweight.view(torch.uint8), ref.qweight.view(torch.uint8))
+        assert int(mod.qweight_layout) == pack.LAYOUT
+        assert torch.equal(mod(x), ref(x))
+    assert torch.equal(old["qweight"].view(torch.uint8), before) and "qweight_layout" not in old
+    # an explicit layout 1 marker converts too; an unknown one is an error naming the key
+    marked = {**old, "qweight_layout": torch.tensor(1, dtype=torch.int32)}
+    assert torch.equal(FP8WeightOnlyLinear.from_state_dict(marked)(x), ref(x))
+    with pytest.raises(ValueError, match="qweight_layout must be 1 or 2, got 7"):
+        FP8WeightOnlyLinear.from_state_dict({**old, "qweight_layout": torch.tensor(7)})
+    with pytest.raises(RuntimeError, match="qweight_layout must be 1 or 2, got 7"):
+        FP8WeightOnlyLinear(K, N, group_size=group_size).load_state_dict(
+            {**old, "qweight_layout": torch.tensor(7)})
 
 
 def _packed_sd(group_size=-1, bias=True):

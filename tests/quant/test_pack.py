@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from pykernels.quant import pack, ref
-from pykernels.quant.pack import fp8_weight_codes, fp8_weight_pack, fp8_weight_unpack
+from pykernels.quant.pack import (
+    fp8_weight_codes,
+    fp8_weight_pack,
+    fp8_weight_unpack,
+    from_fragment_order,
+)
 from tests.quant._cases import make_weight, make_x, oracle, poisoned
 
 FP8 = torch.float8_e4m3fn
@@ -86,11 +91,15 @@ def test_layout_contract(shape, group_size):
     codes = fp8_weight_codes(p)
     assert codes.shape == (n, k)
     assert torch.equal(codes.view(torch.uint8), want.view(torch.uint8))
+    # layout 2: byte 4t + 2h + e of each 16-byte group holds k 8h + 2t + e (docs/quant.md)
+    pos = torch.arange(128)
+    t_, h_, e_ = (pos % 16) // 4, (pos % 4) // 2, pos % 2
+    k_of_pos = pos // 16 * 16 + 8 * h_ + 2 * t_ + e_
     q = p.qweight.view(torch.uint8)
+    plain = torch.nn.functional.pad(want.view(torch.uint8), (0, kt * 128 - k))
     for t in range(kt):
-        width = min(128, k - 128 * t)
-        assert torch.equal(q[t, :, :width], want.view(torch.uint8)[:, 128 * t:128 * t + width])
-        assert (q[t, :, width:] == 0).all()  # zero padding past K
+        assert torch.equal(q[t], plain[:, 128 * t + k_of_pos])  # zero padding past K included
+    assert torch.equal(from_fragment_order(q), plain.view(n, kt, 128).permute(1, 0, 2))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
