@@ -10,8 +10,7 @@ backend choice times each backend at the config just tuned for it:
 
 - ``fp8_gemm_cuda`` (tunables.GEMM_CUDA): block_n 64/128 (128 where N allows) x block_m
   (tokens per CTA: the two CUDA_BLOCK_M values nearest m; a block_m under m means more M tiles,
-  each streaming the weight again) x splits (-1 = striped, one wave of CTAs over every (tile,
-  K panel) unit, from m = 32; 0 = the launcher's own choice, tried at 1 and 4
+  each streaming the weight again) x splits (0 = the launcher's own choice, tried at 1 and 4
   stages; 1; 2, 4, 8, 16 where tiles x splits fill a quarter to one wave of CTA slots, 4 a SM,
   and each split keeps >= max(2, num_stages) K panels) x num_stages (1 = prefetch off, tied by
   the space's GEMM-like prefetch dimension; 3-5 while the weight streams, m <= 64; 2-4 above).
@@ -64,7 +63,7 @@ from pykernels.quant import tunables
 PANEL = 128  # K columns per packed panel (docs/quant.md)
 M_GRID = tuple(bench_shapes.GEMM_M_FULL)
 SMS_DEFAULT = 132  # the H200's SMs: the space's wave counts without a GPU (dry runs, tests)
-CUDA_SPLITS = (-1, 0, 1, 2, 4, 8, 16)  # -1: striped (one wave of CTAs over every K panel)
+CUDA_SPLITS = (0, 1, 2, 4, 8, 16)
 CUDA_STAGES = (1, 2, 3, 4, 5)
 # Pipeline depths searched: 3-5 panels in flight while the weight streams (m <= DECODE_M), 2-4
 # where the MMAs take longer per panel; 1 (prefetch off) everywhere.
@@ -111,8 +110,6 @@ def cuda_valid(cfg: dict, shape: dict) -> bool:
     if bm not in cuda_block_ms(m) or n % bn:  # 128 on an odd N would run the 64 kernel again
         return False
     if stages not in (CUDA_DECODE_STAGES if m <= DECODE_M else CUDA_LARGE_STAGES):
-        return False
-    if splits == -1 and m < 32:  # decode sizes: split-K already fills the GPU (~1/7 of space)
         return False
     if splits == 0 and stages not in (1, 4):  # auto: with prefetch off and the default depth
         return False

@@ -60,8 +60,6 @@ int choose_splits(int tiles, int kt, int slots) {
   return std::max(1, std::min(slots / tiles, kt / kMinPanelsPerSplit));
 }
 
-// splits: > 0 that many K splits; 0 chosen to fill one wave of CTA slots; < 0 striped (one wave
-// of CTAs over all (tile, K panel) units, fp8_gemm_kernel).
 template <typename T, int MI, int BM, bool kGrouped, bool kWg>
 void launch(Params& p, int splits, at::Tensor& locks, const at::Tensor& x) {
   using Tl = Tile<MI, BM, kGrouped, kWg>;
@@ -70,29 +68,23 @@ void launch(Params& p, int splits, at::Tensor& locks, const at::Tensor& x) {
   const int smem = smem_bytes<MI, BM, kGrouped, kWg>(p.stages);
   TORCH_CHECK_VALUE(smem <= kMaxSmem, "fp8_marlin_gemm: block_m=", BM, " with num_stages=",
                     p.stages, " needs ", smem, " bytes of shared memory (> 226 KB)");
-  const int slots = ctas_per_sm<T, MI, BM, kGrouped, kWg>(p.stages) * sm_count();
-  const bool striped = splits < 0 && tiles <= locks.numel();  // more tiles than counters: no
-  if (splits <= 0) splits = choose_splits(tiles, p.kt, slots);
+  if (splits <= 0) {
+    const int slots = ctas_per_sm<T, MI, BM, kGrouped, kWg>(p.stages) * sm_count();
+    splits = choose_splits(tiles, p.kt, slots);
+  }
   splits = std::min(splits, p.kt);
   if (splits > 1 && tiles > locks.numel()) splits = 1;  // more tiles than counters: no split
-  const int64_t units = (int64_t)tiles * p.kt;
-  const int ctas = striped ? (int)std::min<int64_t>(slots, units) : 0;
-  p.striped = striped;
-  p.splits = striped ? 1 : splits;
-  // A striped tile spans at most ceil(kt / per) + 1 CTAs (each takes per or per + 1 panels).
-  const int64_t per = striped ? units / ctas : 1;
-  p.part_stride = striped ? (int)std::min<int64_t>(ctas, (p.kt + per - 1) / per + 1) : splits;
+  p.splits = splits;
   at::Tensor partial;
-  if (striped || splits > 1) {
+  if (splits > 1) {
     const int64_t per_tile = (int64_t)MI * Tl::kNB * kThreads * 4;
     partial = p.atomic ? at::zeros({tiles * per_tile}, x.options().dtype(at::kFloat))
-                       : at::empty({tiles * p.part_stride * per_tile},
-                                   x.options().dtype(at::kFloat));
+                       : at::empty({tiles * splits * per_tile}, x.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
     p.locks = locks.data_ptr<int>();
   }
   opt_in<T, MI, BM, kGrouped, kWg>(smem);
-  const dim3 grid = striped ? dim3(ctas, 1, 1) : dim3(m_tiles, n_tiles, splits);
+  const dim3 grid(m_tiles, n_tiles, splits);
   fp8_gemm_kernel<T, MI, BM, kGrouped, kWg>
       <<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

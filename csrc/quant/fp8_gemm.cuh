@@ -54,8 +54,7 @@ struct Params {
   int64_t x_stride, out_stride;
   int m, n, k, kt;      // kt = ceil(k / 128)
   int splits, stages;
-  int part_stride;      // partial slots a tile: splits, or the most CTAs a striped tile spans
-  bool atomic, striped;
+  bool atomic;
 };
 
 template <typename T>
@@ -375,13 +374,12 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[M
   }
 }
 
-// Split-K (and a striped tile cut between CTAs): every CTA of a tile leaves its partial sums in
-// slot `part` of `parts`, the last to arrive adds them up in part order (so the lock mode is
-// deterministic) and stores. Returns false in the CTAs that are not last. Partials are float4
-// per thread and fragment, [tile][part_stride][fragment][thread]: coalesced.
+// Split-K: every CTA of a tile leaves its partial sums, the last to arrive adds them up in split
+// order (so the lock mode is deterministic) and stores. Returns false in the CTAs that are not
+// last. Partials are float4 per thread and fragment, [tile][split][fragment][thread]: coalesced.
 template <int NF>
-__device__ __forceinline__ bool reduce_parts(const Params& p, float (&acc)[NF][4], int tile,
-                                             int part, int parts) {
+__device__ __forceinline__ bool reduce_splits(const Params& p, float (&acc)[NF][4], int tile,
+                                              int split) {
   const int tid = threadIdx.x;
   float4* base = reinterpret_cast<float4*>(p.partial);
   if (p.atomic) {
@@ -391,18 +389,18 @@ __device__ __forceinline__ bool reduce_parts(const Params& p, float (&acc)[NF][4
       atomicAdd(mine + f * kThreads + tid, make_float4(acc[f][0], acc[f][1], acc[f][2], acc[f][3]));
     }
   } else {
-    float4* mine = base + ((int64_t)tile * p.part_stride + part) * NF * kThreads;
+    float4* mine = base + ((int64_t)tile * p.splits + split) * NF * kThreads;
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       __stcg(mine + f * kThreads + tid, make_float4(acc[f][0], acc[f][1], acc[f][2], acc[f][3]));
     }
   }
-  if (!arrive_last(p.locks + tile, parts)) return false;
-  const int sums = p.atomic ? 1 : parts;
-  const float4* src = base + (int64_t)tile * (p.atomic ? 1 : p.part_stride) * NF * kThreads;
+  if (!arrive_last(p.locks + tile, p.splits)) return false;
+  const int parts = p.atomic ? 1 : p.splits;
+  const float4* src = base + (int64_t)tile * parts * NF * kThreads;
 #pragma unroll
   for (int f = 0; f < NF; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.f;
-  for (int s = 0; s < sums; ++s) {
+  for (int s = 0; s < parts; ++s) {
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
       const float4 v = __ldcg(src + (s * NF + f) * kThreads + tid);
@@ -424,13 +422,22 @@ __device__ __forceinline__ void wait_upto(int pending) {
   }
 }
 
-// K panels [kt0, kt1) of the tile at (n0, m0) into acc (zeroed here). Starts with a barrier:
-// the CTA's previous tile (striped mode) may still be reading the stages.
+// grid (m tiles, n tiles, splits): m tiles vary fastest so the CTAs that share a weight panel run
+// together and all but the first read it from L2.
+// kWg: the K panels on wgmma (compute_stage_wg), else mma.sync (compute_stage).
 template <typename T, int MI, int BM, bool kGrouped, bool kWg>
-__device__ __forceinline__ void run_panels(const Params& p, uint8_t* smem, int n0, int m0,
-                                           int kt0, int kt1, float (&acc)[MI][BM / 8][4]) {
+__global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  // kWg: the stages from the next 1 KB boundary (the B tiles' swizzle atoms); the launcher adds
+  // that slack to the dynamic shared memory. (An __align__(1024) declaration would reserve
+  // 1 KB of static shared memory in every instantiation.)
+  uint8_t* smem = smem_raw;
+  if constexpr (kWg) smem += (1024 - (smem_addr(smem_raw) & 1023)) & 1023;
   using Tl = Tile<MI, BM, kGrouped, kWg>;
   constexpr int kStage = Tl::kStageBytes;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * Tl::kBN, split = blockIdx.z;
+  const int kt0 = (int)((int64_t)split * p.kt / p.splits);
+  const int kt1 = (int)((int64_t)(split + 1) * p.kt / p.splits);
   const int steps = kt1 - kt0, stages = p.stages;
   const Loader<T, MI, BM, kGrouped, kWg> loader(p, n0, m0);
   // One K panel in shared memory. kWg: wgmma reads it through the async proxy, so each
@@ -443,6 +450,8 @@ __device__ __forceinline__ void run_panels(const Params& p, uint8_t* smem, int n
       compute_stage<T, MI, BM, kGrouped>(stage, a);
     }
   };
+
+  float acc[MI][BM / 8][4];
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
@@ -450,7 +459,6 @@ __device__ __forceinline__ void run_panels(const Params& p, uint8_t* smem, int n
       acc[mi][j][0] = acc[mi][j][1] = acc[mi][j][2] = acc[mi][j][3] = 0.f;
     }
   }
-  __syncthreads();
 
   if (stages == 1) {  // prefetch off: load a panel, wait for it, compute, repeat
     for (int i = 0; i < steps; ++i) {
@@ -480,62 +488,14 @@ __device__ __forceinline__ void run_panels(const Params& p, uint8_t* smem, int n
     }
     cp_async_wait<0>();
   }
-}
-
-// The CTA of striped unit u (units: the tiles' K panels in tile order, kt a tile): the largest i
-// with floor(i U / G) <= u, G CTAs over U units.
-__device__ __forceinline__ int striped_cta(int64_t u, int64_t units, int ctas) {
-  return (int)(((u + 1) * ctas - 1) / units);
-}
-
-// Split-K: grid (m tiles, n tiles, splits), m tiles fastest so the CTAs that share a weight panel
-// run together and all but the first read it from L2. Striped (p.striped, Marlin's striped
-// partitioning, stream-K): a 1-D grid of G CTAs, one wave of CTA slots, over the U = tiles x kt
-// (tile, K panel) units in tile order, CTA i taking units [i U / G, (i + 1) U / G): every CTA
-// gets the same number of panels (+-1), where tiles that do not divide the slots leave some SMs
-// a tile more (28672 x 4096 at M = 64: 224 tiles, 2 CTAs an SM on 92 of the 132 SMs). A tile
-// cut between CTAs meets in the split-K reduction, its parts in CTA order.
-// kWg: the K panels on wgmma (compute_stage_wg), else mma.sync (compute_stage).
-template <typename T, int MI, int BM, bool kGrouped, bool kWg>
-__global__ void __launch_bounds__(kThreads) fp8_gemm_kernel(const Params p) {
-  extern __shared__ __align__(128) uint8_t smem_raw[];
-  // kWg: the stages from the next 1 KB boundary (the B tiles' swizzle atoms); the launcher adds
-  // that slack to the dynamic shared memory. (An __align__(1024) declaration would reserve
-  // 1 KB of static shared memory in every instantiation.)
-  uint8_t* smem = smem_raw;
-  if constexpr (kWg) smem += (1024 - (smem_addr(smem_raw) & 1023)) & 1023;
-  using Tl = Tile<MI, BM, kGrouped, kWg>;
-  constexpr int kNF = MI * BM / 8;
-  float acc[MI][BM / 8][4];
-  auto& flat = reinterpret_cast<float(&)[kNF][4]>(acc);
-  const int m_tiles = (p.m + BM - 1) / BM;
-  const int64_t units = (int64_t)m_tiles * (p.n / Tl::kBN) * p.kt;
-  // Split-K: one (tile, split) and done; striped: this CTA's units, tile by tile. One call site
-  // of run_panels (two cost ~30 registers at BM = 64).
-  int64_t u = p.striped ? blockIdx.x * units / gridDim.x : 0;
-  const int64_t end = p.striped ? (blockIdx.x + 1) * units / gridDim.x : 1;
-  while (u < end) {
-    int tile, kt0, kt1, part, parts;
-    if (p.striped) {
-      tile = (int)(u / p.kt), kt0 = (int)(u % p.kt);
-      kt1 = (int)min((int64_t)p.kt, kt0 + (end - u));
-      const int64_t first = (int64_t)tile * p.kt;
-      const int c0 = striped_cta(first, units, gridDim.x);
-      part = blockIdx.x - c0;
-      parts = kt1 - kt0 == p.kt ? 1 : striped_cta(first + p.kt - 1, units, gridDim.x) - c0 + 1;
-      u += kt1 - kt0;
-    } else {
-      tile = blockIdx.y * m_tiles + blockIdx.x, part = blockIdx.z, parts = p.splits;
-      kt0 = (int)((int64_t)part * p.kt / p.splits);
-      kt1 = (int)((int64_t)(part + 1) * p.kt / p.splits);
-      u = end;
-    }
-    const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * Tl::kBN;
-    run_panels<T, MI, BM, kGrouped, kWg>(p, smem, n0, m0, kt0, kt1, acc);
-    if (parts == 1 || reduce_parts<kNF>(p, flat, tile, part, parts)) {
-      store_tile<T, MI, BM, kGrouped, kWg>(p, acc, n0, m0);
+  if (p.splits > 1) {
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (!reduce_splits<MI * BM / 8>(p, reinterpret_cast<float(&)[MI * BM / 8][4]>(acc), tile,
+                                    split)) {
+      return;
     }
   }
+  store_tile<T, MI, BM, kGrouped, kWg>(p, acc, n0, m0);
 }
 
 }  // namespace fp8_gemm

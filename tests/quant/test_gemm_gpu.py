@@ -110,31 +110,6 @@ def test_cuda_wgmma(bn, bm, dtype, group_size, m, k, splits, stages):
     close(got, plain, _tol("cuda", dtype, group_size))
 
 
-# Striped partitioning (splits -1): one wave of CTAs over every (tile, K panel) unit, tiles cut
-# between CTAs reduced in CTA order. Shapes whose tiles do not divide the CTA slots (so tiles are
-# cut, some in three), both paths, the lock (bitwise repeatable) and the atomic reduction.
-@pytest.mark.parametrize("atomic", [False, True])
-@pytest.mark.parametrize("wgmma", [False, True])
-@pytest.mark.parametrize("m, n, k, bn, bm, stages", [(64, 7168, 4096, 128, 64, 3),
-                                                      (33, 1024, 4160, 64, 32, 4),
-                                                      (100, 4096, 1088, 128, 64, 1)])
-def test_cuda_striped(monkeypatch, m, n, k, bn, bm, stages, wgmma, atomic):
-    from pykernels.quant import cuda
-
-    monkeypatch.setenv("VLLM_MARLIN_USE_ATOMIC_ADD", "1" if atomic else "0")
-    p = _weight(n, k, 128 if m == 33 else -1)
-    x = make_x(m, k, BF16, device="cuda")
-    cfg = {"block_n": bn, "block_m": bm, "splits": -1, "num_stages": stages, "wgmma": wgmma}
-    runs = []
-    for _ in range(3):
-        out = poisoned(m, n, dtype=BF16, device="cuda")
-        cuda.gemm(x, p.qweight, p.scales, out, config=cfg)
-        runs.append(out)
-    close(runs[0], _want(x, p), _tol("cuda", BF16, 128 if m == 33 else -1))
-    if not atomic:
-        assert all(torch.equal(r, runs[0]) for r in runs[1:])
-
-
 @pytest.mark.parametrize("atomic", [False, True])
 @pytest.mark.parametrize("split_k", [2, 5])
 def test_triton_split_k(monkeypatch, split_k, atomic):
