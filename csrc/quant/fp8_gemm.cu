@@ -1,5 +1,4 @@
 // Launcher of fp8_marlin_gemm: input checks, split-K choice, workspace; kernel in fp8_gemm.cuh.
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -178,10 +177,9 @@ void fp8_marlin_gemm(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& 
   if (x.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   if (wgmma) {  // sm_90a instructions: the kernel is built for 9.0a (TORCH_CUDA_ARCH_LIST)
-    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    TORCH_CHECK_VALUE(prop->major == 9 && prop->minor == 0,
-                      "fp8_marlin_gemm: wgmma=True needs an sm_90 GPU (H100/H200), got sm_",
-                      prop->major, prop->minor);
+    const int cc = pykernels::compute_capability();
+    TORCH_CHECK_VALUE(cc == 90, "fp8_marlin_gemm: wgmma=True needs an sm_90 GPU (H100/H200), "
+                      "got sm_", cc);
   }
   Params p{};
   p.x = x.data_ptr();
