@@ -13,7 +13,8 @@ backend choice times each backend at the config just tuned for it:
   each streaming the weight again) x splits (0 = the launcher's own choice, tried at 1 and 4
   stages; 1; 2, 4, 8, 16 where tiles x splits fill a quarter to one wave of CTA slots, 4 a SM,
   and each split keeps >= max(2, num_stages) K panels) x num_stages (1 = prefetch off, tied by
-  the space's GEMM-like prefetch dimension; 3-5 while the weight streams, m <= 64; 2-4 above).
+  the space's GEMM-like prefetch dimension; 3-5 while the weight streams, m <= 64; 2-4 above)
+  x wgmma off/on (warpgroup MMAs, sm_90; the launcher turns it off on other GPUs).
 - ``fp8_gemm_triton`` (GEMM_TRITON): BLOCK_N 64/128 x BLOCK_M (swap-AB: the tokens; the next
   power of two >= max(m, 16) up to m = 64, then p/2 and p up to 256) x (BLOCK_K, num_stages)
   pairs (decode, m <= 64: 128-wide K tiles at 3-5 stages, streaming the weight; larger m: 64 x

@@ -18,8 +18,8 @@ KEY = ("n", "k", "dtype", "group_size")
 BACKEND_CHOICES = ("cuda", "triton")
 
 # The CUDA kernel's tiles: 64 or 128 output channels (4 warps x 1 or 2 m16 tiles) by a
-# 128-wide K panel, 8..64 tokens; `wgmma` (a config key, default off): the panel on warpgroup
-# MMAs (sm_90) instead of mma.sync.
+# 128-wide K panel, 8..64 tokens; `wgmma` (a config key; the default turns it on from m = 64):
+# the panel on warpgroup MMAs (sm_90) instead of mma.sync.
 CUDA_BLOCK_N = (64, 128)
 CUDA_BLOCK_K = 128
 CUDA_BLOCK_M = (8, 16, 32, 64)
