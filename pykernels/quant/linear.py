@@ -294,11 +294,10 @@ def _to_layout2(qweight, layout, prefix: str):
     found = 1 if layout is None else int(layout)
     if found == LAYOUT:
         return qweight
-    if found != 1 or not isinstance(qweight, torch.Tensor) or qweight.dim() != 3 \
-            or qweight.shape[-1] != _PANEL:
-        if found not in (1, LAYOUT):
-            raise ValueError(f"{prefix}qweight_layout must be 1 or {LAYOUT}, got {found}")
-        return qweight  # a malformed qweight: _packed_problems names it
+    if found != 1:
+        raise ValueError(f"{prefix}qweight_layout must be 1 or {LAYOUT}, got {found}")
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 3 or qweight.shape[-1] != _PANEL:
+        return qweight  # malformed: _packed_problems names what is wrong
     return to_fragment_order(qweight)
 
 
