@@ -19,7 +19,7 @@ from torch import nn
 
 from pykernels import envs
 from pykernels._log import get_logger
-from pykernels.quant.pack import LAYOUT
+from pykernels.quant.pack import LAYOUT, to_fragment_order
 
 log = get_logger("quant")
 
@@ -289,8 +289,6 @@ class FP8WeightOnlyLinear(nn.Module):
 
 def _to_layout2(qweight, layout, prefix: str):
     """A packed qweight in layout 2, from the layout its state dict names (None: 1)."""
-    from pykernels.quant.pack import to_fragment_order
-
     found = 1 if layout is None else int(layout)
     if found == LAYOUT:
         return qweight

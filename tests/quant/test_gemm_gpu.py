@@ -89,11 +89,16 @@ def test_atomic_split_k(monkeypatch, m, group_size, backend):
 # channel and per group, bf16 and fp16, a K % 128 == 64 tail, rows past M, split-K and prefetch
 # off: its activations go to shared memory by 4-byte copies in the k order of its A fragments,
 # so a wrong slot or a missed zero-fill shows as an error far above the tolerance.
-_WG = [(bn, bm, dtype, group, m, k, splits, stages)
-       for i, (bn, bm, m) in enumerate([(128, 8, 1), (64, 16, 13), (128, 32, 33), (128, 64, 64),
-                                        (64, 64, 100), (128, 16, 16), (64, 8, 3), (128, 64, 257)])
-       for dtype, group in [_COMBOS[i % 4]]
-       for k, splits, stages in [((4096, 4160)[i % 2], (1, 3, 0)[i % 3], (4, 1, 3)[i % 3])]]
+_WG = [  # (block_n, block_m, dtype, group_size, m, k, splits, num_stages)
+    (128, 8, BF16, -1, 1, 4096, 1, 4),
+    (64, 16, FP16, 128, 13, 4160, 3, 1),
+    (128, 32, BF16, 128, 33, 4096, 0, 3),
+    (128, 64, FP16, -1, 64, 4160, 1, 4),
+    (64, 64, BF16, -1, 100, 4096, 3, 1),
+    (128, 16, FP16, 128, 16, 4160, 0, 3),
+    (64, 8, BF16, 128, 3, 4096, 1, 4),
+    (128, 64, FP16, -1, 257, 4160, 3, 1),
+]
 
 
 @pytest.mark.parametrize("bn, bm, dtype, group_size, m, k, splits, stages", _WG)
