@@ -5,7 +5,7 @@
 - ``fp8_marlin_gemm`` (gemm.py): ``x [..., K] @ dequant(w).T`` through ``backend="auto"|"cuda"|
   "triton"|"torch"``.
 - ``FP8WeightOnlyLinear`` (linear.py): the ``nn.Linear`` the serving layer uses for
-  ``--quantization fp8``.
+  ``--quantization fp8``; ``quantize_model_fp8`` swaps a model's linears for it.
 
 The packed format is documented in docs/quant.md. Names are imported lazily so that importing
 this package loads neither Triton nor the CUDA op library.
@@ -21,6 +21,8 @@ _LAZY = {
     "fp8_weight_unpack": "pykernels.quant.pack",
     "fp8_marlin_gemm": "pykernels.quant.gemm",
     "FP8WeightOnlyLinear": "pykernels.quant.linear",
+    "quantize_model_fp8": "pykernels.quant.linear",
+    "select_fp8_linear_method": "pykernels.quant.linear",
 }
 
 __all__ = list(_LAZY)

@@ -1,0 +1,171 @@
+"""Interim model runner over HF transformers: a model, ``--quantization``, greedy decoding timed.
+
+The engine (paged KV cache, scheduler, our attention kernels) will replace the HF forward; what it
+keeps from here is :func:`apply_quantization`, the one place a ``--quantization`` name becomes
+modules (``fp8``: every aligned bf16/fp16 ``nn.Linear`` but the LM head becomes an
+``FP8WeightOnlyLinear``, pykernels.quant). Until then this runner shows what the option does to
+a real decode step: the HF forward with a static KV cache, one step captured in a CUDA graph and
+replayed (an eager HF step at bs=1 is host-bound, ~43 ms on an H200 for Qwen3-0.6B: ANCHORS'
+23 tok/s, which hides any GEMM).
+
+Models are a preset shape with seeded random weights (as ANCHORS' serving rows are measured) or
+a local checkpoint directory (``from_pretrained(local_files_only=True)``; no download).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+QUANTIZATIONS = ("none", "fp8")
+
+_QWEN3 = {"model_type": "qwen3", "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+          "rope_theta": 1_000_000.0, "max_position_embeddings": 40960}
+# Shapes of the public configs (hidden, MLP width, layers, q / kv heads); "tiny" is for tests.
+PRESETS = {
+    "qwen3-0.6b": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072,
+                   "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                   "tie_word_embeddings": True},
+    "qwen3-8b": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288,
+                 "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "tie_word_embeddings": False},
+    "llama-3-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "vocab_size": 128256, "rope_theta": 500_000.0, "rms_norm_eps": 1e-5,
+                   "max_position_embeddings": 8192, "tie_word_embeddings": False},
+    "tiny": {**_QWEN3, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+             "vocab_size": 512, "tie_word_embeddings": True},
+}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("the HF model runner needs transformers: "
+                          "pip install -e '.[serve]'") from e
+    return transformers
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    # transformers renamed torch_dtype to dtype in 4.56 (the GPU machines may have an older one).
+    from_config = _transformers().AutoModelForCausalLM.from_config
+    named = "dtype" in inspect.signature(from_config).parameters or _version() >= (4, 56)
+    return {"dtype" if named else "torch_dtype": dtype}
+
+
+def _version() -> tuple[int, int]:
+    major, minor = _transformers().__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def load_model(model: str, *, dtype: torch.dtype = torch.bfloat16, device="cuda",
+               num_layers: int | None = None, seed: int = 0) -> torch.nn.Module:
+    """A preset name (random weights from ``seed``) or a local checkpoint directory."""
+    tf = _transformers()
+    if model in PRESETS:
+        fields = dict(PRESETS[model])
+        config = tf.AutoConfig.for_model(fields.pop("model_type"), **fields)
+        if num_layers is not None:
+            config.num_hidden_layers = num_layers
+        torch.manual_seed(seed)
+        with torch.device(device):
+            m = tf.AutoModelForCausalLM.from_config(config, **_dtype_kw(dtype))
+    elif Path(model).is_dir():
+        kw = {"num_hidden_layers": num_layers} if num_layers is not None else {}
+        m = tf.AutoModelForCausalLM.from_pretrained(model, local_files_only=True,
+                                                    **_dtype_kw(dtype), **kw).to(device)
+    else:
+        raise ValueError(f"model must be one of {', '.join(PRESETS)} or a local checkpoint "
+                         f"directory, got {model!r}")
+    return m.eval()
+
+
+def apply_quantization(model: torch.nn.Module, quantization: str, *,
+                       group_size: int = -1) -> torch.nn.Module:
+    """``--quantization``: "none" leaves the model; "fp8" swaps its linears for FP8 weight-only
+    ones in place (``quantize_model_fp8``: the LM head stays in the model's dtype)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                         f"got {quantization!r}")
+    if quantization == "fp8":
+        from pykernels.quant import quantize_model_fp8
+
+        quantize_model_fp8(model, group_size=group_size)
+    return model
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # [batch, new_tokens] int64
+    prefill_s: float
+    step_s: float  # mean time of one decode step (all rows)
+    prompt_logits: torch.Tensor  # fp32 [batch, vocab]: the prefill's last position
+
+
+def _static_cache(model, batch: int, length: int):
+    tf = _transformers()
+    params = inspect.signature(tf.StaticCache.__init__).parameters
+    if "max_batch_size" in params:  # transformers 4.x
+        return tf.StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length,
+                              device=model.device, dtype=model.dtype)
+    return tf.StaticCache(config=model.config, max_cache_len=length)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, *, graph: bool = True) -> Decoded:
+    """Greedy decoding of ``new_tokens`` after ``prompt`` [batch, length] with a static cache.
+    graph=True (CUDA): one step is captured and replayed, so the step time is the GPU's."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    batch, length = prompt.shape
+    dev = prompt.device
+    cache = _static_cache(model, batch, length + new_tokens)
+    t0 = time.perf_counter()
+    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                   cache_position=torch.arange(length, device=dev)).logits[:, -1]
+    _sync(dev)
+    prefill_s = time.perf_counter() - t0
+    tok = logits.argmax(-1, keepdim=True)
+    pos = torch.full((1,), length, dtype=torch.long, device=dev)
+    out = torch.empty(batch, new_tokens, dtype=torch.long, device=dev)
+    out[:, :1] = tok
+
+    def step():  # reads tok/pos, writes the next token at column pos - length + 1
+        nxt = model(input_ids=tok, past_key_values=cache, cache_position=pos,
+                    use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok.copy_(nxt)
+        pos.add_(1)
+
+    run = step
+    if graph and dev.type == "cuda" and new_tokens > 1:
+        first = tok.clone()
+        stream = torch.cuda.Stream(dev)  # warm-up (compiles, tunes) outside the capture
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        tok.copy_(first)  # the warm-up step is redone by the first replay (same position)
+        pos.fill_(length)
+        run = g.replay
+    _sync(dev)
+    t0 = time.perf_counter()
+    for i in range(1, new_tokens):
+        run()
+        out[:, i:i + 1] = tok
+    _sync(dev)
+    step_s = (time.perf_counter() - t0) / max(new_tokens - 1, 1)
+    return Decoded(out, prefill_s, step_s, logits.float())
