@@ -106,6 +106,7 @@ class Decoded:
     prefill_s: float
     step_s: float  # mean time of one decode step (all rows)
     prompt_logits: torch.Tensor  # fp32 [batch, vocab]: the prefill's last position
+    step_logits: torch.Tensor | None = None  # fp32 [batch, new_tokens - 1, vocab] if asked
 
 
 def _static_cache(model, batch: int, length: int):
@@ -123,9 +124,11 @@ def _sync(device) -> None:
 
 
 @torch.inference_mode()
-def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, *, graph: bool = True) -> Decoded:
+def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, *, graph: bool = True,
+                  keep_logits: bool = False) -> Decoded:
     """Greedy decoding of ``new_tokens`` after ``prompt`` [batch, length] with a static cache.
-    graph=True (CUDA): one step is captured and replayed, so the step time is the GPU's."""
+    graph=True (CUDA): one step is captured and replayed, so the step time is the GPU's.
+    keep_logits: also return every decode step's logits (tests; batch x steps x vocab fp32)."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     batch, length = prompt.shape
@@ -140,11 +143,17 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, *, graph: bool =
     pos = torch.full((1,), length, dtype=torch.long, device=dev)
     out = torch.empty(batch, new_tokens, dtype=torch.long, device=dev)
     out[:, :1] = tok
+    kept = last = None
+    if keep_logits:
+        kept = torch.empty(batch, new_tokens - 1, logits.shape[-1], device=dev)
+        last = torch.empty_like(logits, dtype=torch.float32)
 
-    def step():  # reads tok/pos, writes the next token at column pos - length + 1
-        nxt = model(input_ids=tok, past_key_values=cache, cache_position=pos,
-                    use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        tok.copy_(nxt)
+    def step():  # reads tok/pos; leaves the next token in tok (and its logits in last)
+        step_logits = model(input_ids=tok, past_key_values=cache, cache_position=pos,
+                            use_cache=True).logits[:, -1]
+        if last is not None:
+            last.copy_(step_logits)
+        tok.copy_(step_logits.argmax(-1, keepdim=True))
         pos.add_(1)
 
     run = step
@@ -166,6 +175,8 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, *, graph: bool =
     for i in range(1, new_tokens):
         run()
         out[:, i:i + 1] = tok
+        if kept is not None:
+            kept[:, i - 1] = last
     _sync(dev)
     step_s = (time.perf_counter() - t0) / max(new_tokens - 1, 1)
-    return Decoded(out, prefill_s, step_s, logits.float())
+    return Decoded(out, prefill_s, step_s, logits.float(), kept)
