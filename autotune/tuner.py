@@ -8,7 +8,7 @@ inputs (`Case.check` raises on a wrong result; a crash is caught the same way) a
 the reason when it fails; the rest are timed (default timer: bench.timing.measure, the median of
 CUDA-event timings with CUDA-graph replay for short kernels). The entry records the winner, its
 time, the default's time, the runner-up and its margin, and the fastest timings (autotune.diff uses
-them to compare two tunes). The near-best candidates (within 5%, at least two, at most 4) are
+them to compare two tunes). The near-best candidates (within 15%, at least two, at most 5) are
 re-timed in three interleaved rounds and ranked by their median (`CONFIRM_*`), so drift and
 one-off noise decide fewer winners.
 
@@ -41,9 +41,12 @@ MAX_DISCARDED = 16  # discarded candidates listed per entry (all are counted)
 # every round), and ranked by the median of all their timings. One pass in order lets clock
 # drift over a bucket and one-off noise pick the winner: two fresh MoE tunes on an H200
 # (2026-11-21) disagreed on 2 of 6 buckets, where one config timed 4-9% apart between the tunes
-# (5787 vs 5266 us).
-CONFIRM_WITHIN = 0.05
-CONFIRM_TOP = 4
+# (5787 vs 5266 us). The window is 15% wide: with 5%, the next two fresh Mixtral tunes (H200,
+# 2026-11-21) still disagreed on 3 of 12 buckets, each time because the other tune's winner
+# had one first-pass reading 5-13% slow here and was never re-timed (a compute-bound bucket's
+# time swings 5-15% between rounds on that GPU).
+CONFIRM_WITHIN = 0.15
+CONFIRM_TOP = 5
 CONFIRM_ROUNDS = 3
 
 
