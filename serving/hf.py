@@ -118,6 +118,18 @@ def _static_cache(model, batch: int, length: int):
     return tf.StaticCache(config=model.config, max_cache_len=length)
 
 
+def _rewind(cache, length: int) -> None:
+    """Puts a static cache back to ``length`` cached tokens. transformers 5 writes K/V at a
+    position counter of its own (``cumulative_length`` per layer; the ``cache_position`` we pass
+    only sets the mask and RoPE), which a warm-up step advances; 4.x writes at cache_position."""
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(length)
+        elif counter is not None:
+            layer.cumulative_length = length
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -125,10 +137,12 @@ def _sync(device) -> None:
 
 @torch.inference_mode()
 def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, *, graph: bool = True,
-                  keep_logits: bool = False) -> Decoded:
+                  keep_logits: bool = False, warm_up: bool | None = None) -> Decoded:
     """Greedy decoding of ``new_tokens`` after ``prompt`` [batch, length] with a static cache.
     graph=True (CUDA): one step is captured and replayed, so the step time is the GPU's.
-    keep_logits: also return every decode step's logits (tests; batch x steps x vocab fp32)."""
+    keep_logits: also return every decode step's logits (tests; batch x steps x vocab fp32).
+    warm_up (default: with a graph): run the first step once and rewind the cache before the
+    timed steps (a graph needs it: kernels compile on first use, outside the capture)."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     batch, length = prompt.shape
@@ -157,19 +171,25 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, *, graph: bool =
         pos.add_(1)
 
     run = step
-    if graph and dev.type == "cuda" and new_tokens > 1:
+    graph = graph and dev.type == "cuda" and new_tokens > 1
+    if graph or (warm_up and new_tokens > 1):
         first = tok.clone()
-        stream = torch.cuda.Stream(dev)  # warm-up (compiles, tunes) outside the capture
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
+        stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        if stream is not None:  # warm-up (compiles, tunes) on a side stream, as capture wants
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream(dev).wait_stream(stream)
+        else:
             step()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        tok.copy_(first)  # the warm-up step is redone by the first replay (same position)
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+            run = g.replay
+        tok.copy_(first)  # the warm-up step is redone by the first timed one (same position)
         pos.fill_(length)
-        run = g.replay
+        _rewind(cache, length)
     _sync(dev)
     t0 = time.perf_counter()
     for i in range(1, new_tokens):

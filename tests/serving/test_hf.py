@@ -120,6 +120,18 @@ def _agree_up_to_ties(eager: hf.Decoded, other: hf.Decoded, tol: float) -> None:
                                                                            other.tokens)
 
 
+def test_warm_up_step_rewinds_the_cache():
+    """The warm-up step (what a CUDA graph needs before capture) is undone: the decode that
+    follows matches one without it. transformers 5 writes K/V at a counter of its own, so a
+    warm-up left unrewound shifts every later key by one position."""
+    model = _tiny(torch.float32)
+    prompt = _prompt(2, 7)
+    plain = hf.greedy_decode(model, prompt, 5, graph=False, keep_logits=True)
+    warm = hf.greedy_decode(model, prompt, 5, graph=False, keep_logits=True, warm_up=True)
+    assert torch.equal(warm.tokens, plain.tokens)
+    torch.testing.assert_close(warm.step_logits, plain.step_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_decode_keeps_step_logits():
     model = _tiny(torch.float32)
     d = hf.greedy_decode(model, _prompt(2, 5), 4, graph=False, keep_logits=True)
