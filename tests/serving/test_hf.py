@@ -104,9 +104,9 @@ def test_cli_rejects_bad_quantization():
 
 
 def _agree_up_to_ties(eager: hf.Decoded, other: hf.Decoded, tol: float) -> None:
-    """Same tokens and step logits within tol until the first step where they differ (a 1-ulp
-    change of a bf16 logit may flip a near tie: cuBLAS may pick another algorithm under graph
-    capture); at that step the other run's token must be a near tie in the eager logits."""
+    """Same tokens and step logits within tol until the first step where they differ; at that
+    step the other run's token must be a near tie in the eager logits (a random model's logits
+    are near-flat, so a last-bit difference between two kernel schedules may flip its argmax)."""
     differ = (eager.tokens != other.tokens).any(0).nonzero()
     first = int(differ[0]) if differ.numel() else eager.tokens.shape[1]
     assert first >= 1, "the prefill (eager in both runs) picked different first tokens"
