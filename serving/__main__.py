@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from serving.hf import QUANTIZATIONS
+
 
 def _report() -> list[tuple[str, str]]:
     import torch
@@ -58,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="qwen3-0.6b",
                      help="a preset (qwen3-0.6b, qwen3-8b, llama-3-8b, tiny; random weights) or "
                           "a local checkpoint directory")
-    gen.add_argument("--quantization", default="none", help="none or fp8 (FP8 weight-only)")
+    gen.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                     help="fp8: FP8 weight-only linears")
     gen.add_argument("--compare", action="store_true",
                      help="also run the unquantized model first, same weights, and compare")
     gen.add_argument("--batch-size", type=_int_list, default=[1], help="e.g. 1,32")

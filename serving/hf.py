@@ -54,14 +54,8 @@ def _transformers():
 
 def _dtype_kw(dtype: torch.dtype) -> dict:
     # transformers renamed torch_dtype to dtype in 4.56 (the GPU machines may have an older one).
-    from_config = _transformers().AutoModelForCausalLM.from_config
-    named = "dtype" in inspect.signature(from_config).parameters or _version() >= (4, 56)
-    return {"dtype" if named else "torch_dtype": dtype}
-
-
-def _version() -> tuple[int, int]:
-    major, minor = _transformers().__version__.split(".")[:2]
-    return int(major), int(minor)
+    major, minor = (int(v) for v in _transformers().__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 def load_model(model: str, *, dtype: torch.dtype = torch.bfloat16, device="cuda",
@@ -126,8 +120,6 @@ def _rewind(cache, length: int) -> None:
         counter = getattr(layer, "cumulative_length", None)
         if isinstance(counter, torch.Tensor):
             counter.fill_(length)
-        elif counter is not None:
-            layer.cumulative_length = length
 
 
 def _sync(device) -> None:
