@@ -144,7 +144,9 @@ def spaces(kind: str = "full") -> dict[str, Space]:
         "paged_prefill_triton": Space(
             {"BLOCK_M": (64, 128) if quick else (64, 128, 256),
              "BLOCK_N": (64,) if quick else (32, 64, 128),
-             "num_warps": (4,) if quick else (4, 8),
+             # 16 warps: four warpgroups of 64 rows at 256-row tiles (the row rule drops it
+             # elsewhere); 32x512 ran 326 -> 316 us with it on an H200 (docs/attention.md)
+             "num_warps": (4,) if quick else (4, 8, 16),
              "num_stages": (2,) if quick else (1, 2, 3, 4),
              "HEADS_INNER": (False,) if quick else (False, True)}, valid=prefill_triton_valid),
         **backends,
