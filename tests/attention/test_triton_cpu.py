@@ -129,7 +129,14 @@ def test_plan_objects_with_fixed_buffers():
 def _sm90_signature(fn, const: dict, ptrs: dict) -> tuple[dict, dict, list[str]]:
     """(signature, constants, 16-aligned arguments) of an attention kernel for compile_sm90:
     `ptrs` typed as given, other pointers int32, the scales fp32, the rest int32; the data
-    pointers and strides aligned as launched."""
+    pointers and strides aligned as launched. A constexpr parameter not in `const` takes its
+    declared default, as a launch does (typed i32 instead, a new flag would turn into a run-time
+    branch and change what the compile shows); one without a default is an error."""
+    const = dict(const)
+    for p in fn.params:
+        if p.is_constexpr and p.name not in const:
+            assert p.has_default, f"{fn.__name__}: constexpr {p.name} needs a value here"
+            const[p.name] = p.default
     floats = ("qk_scale", "cap_scale", "v_scale")
     sig = {n: ptrs.get(n) or ("*i32" if n.endswith("_ptr") else "fp32" if n in floats else "i32")
            for n in fn.arg_names if n not in const}
