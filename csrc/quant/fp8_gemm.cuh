@@ -117,6 +117,18 @@ __device__ __forceinline__ uint32_t dequant2(uint32_t word, uint32_t scale2) {
   return bits;
 }
 
+// The mma A fragment of 16-k step h of an ldmatrix.x4 on the fp8 bytes (w4: rows g, g + 8 of
+// both steps), dequantized by dequant2 in the mma's k order; sc: those rows' group scales.
+template <typename T, bool kGrouped>
+__device__ __forceinline__ void dequant_frag(uint32_t (&a)[4], const uint32_t (&w4)[4], int h,
+                                             const uint32_t (&sc)[2]) {
+  const uint32_t lo = w4[2 * h], hi = w4[2 * h + 1];  // rows g, g + 8
+  a[0] = dequant2<T, 0x4140, kGrouped>(lo, sc[0]);
+  a[1] = dequant2<T, 0x4140, kGrouped>(hi, sc[1]);
+  a[2] = dequant2<T, 0x4342, kGrouped>(lo, sc[0]);
+  a[3] = dequant2<T, 0x4342, kGrouped>(hi, sc[1]);
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t splat2(float s) {
   return pack2<T>(s, s);
@@ -246,13 +258,7 @@ __device__ __forceinline__ void compute_stage(const uint8_t* stage,
     for (int h = 0; h < 2; ++h) {  // the two 16-k steps of this ldmatrix
       uint32_t a[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const uint32_t lo = w4[mi][2 * h], hi = w4[mi][2 * h + 1];  // rows g, g + 8
-        a[mi][0] = dequant2<T, 0x4140, kGrouped>(lo, sc[mi][0]);
-        a[mi][1] = dequant2<T, 0x4140, kGrouped>(hi, sc[mi][1]);
-        a[mi][2] = dequant2<T, 0x4342, kGrouped>(lo, sc[mi][0]);
-        a[mi][3] = dequant2<T, 0x4342, kGrouped>(hi, sc[mi][1]);
-      }
+      for (int mi = 0; mi < MI; ++mi) dequant_frag<T, kGrouped>(a[mi], w4[mi], h, sc[mi]);
 #pragma unroll
       for (int j = 0; j < BM / 8; ++j) {
 #pragma unroll
@@ -313,13 +319,7 @@ __device__ __forceinline__ void compute_stage_wg(const uint8_t* stage,
         for (int mi = 0; mi < MI; ++mi) keep_live(a[h][mi]);
       }
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const uint32_t lo = w4[mi][2 * h], hi = w4[mi][2 * h + 1];  // rows g, g + 8
-        a[h][mi][0] = dequant2<T, 0x4140, kGrouped>(lo, sc[mi][0]);
-        a[h][mi][1] = dequant2<T, 0x4140, kGrouped>(hi, sc[mi][1]);
-        a[h][mi][2] = dequant2<T, 0x4342, kGrouped>(lo, sc[mi][0]);
-        a[h][mi][3] = dequant2<T, 0x4342, kGrouped>(hi, sc[mi][1]);
-      }
+      for (int mi = 0; mi < MI; ++mi) dequant_frag<T, kGrouped>(a[h][mi], w4[mi], h, sc[mi]);
       const int step = 2 * kp + h;  // B's 16 k: half step / 4 of the tile, 32 bytes a step in it
       const uint64_t desc = wgmma_desc_sw128(xs + (step >> 2) * BM * 128 + (step & 3) * 32);
       wgmma_fence();
