@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from pykernels._backends import wgmma_ready
 from pykernels.quant import cuda, ref
 from tests.quant._cases import CUDA_GROUP_TOL, TOL, close, make_weight, make_x, poisoned
 
@@ -33,7 +34,7 @@ CASES = [  # (m, n, k, group, block_n, block_m, splits, stages, atomic, wgmma)
 
 def main() -> int:
     failures = 0
-    wgmma_ok = torch.cuda.get_device_capability() == (9, 0)
+    wgmma_ok = wgmma_ready(torch.device("cuda"))
     for i, (m, n, k, group, bn, bm, splits, stages, atomic, wgmma) in enumerate(CASES):
         if wgmma and not wgmma_ok:
             print(f"case {i}: wgmma needs an sm_90 GPU: skipped")

@@ -20,9 +20,15 @@ from pykernels._ops import BackendUnavailable
 
 
 def hopper_or_newer(index: int | None) -> bool:
-    """An sm_90+ GPU at CUDA device `index` (None: the current one): TMA, wgmma, programmatic
-    dependent launch."""
-    return _major(torch.cuda.current_device() if index is None else index) >= 9
+    """An sm_90+ GPU at CUDA device `index` (None: the current one): TMA, programmatic dependent
+    launch."""
+    return _capability(torch.cuda.current_device() if index is None else index)[0] >= 9
+
+
+def wgmma_ready(device: torch.device) -> bool:
+    """`device` runs sm_90a code (warpgroup MMAs): an H100 / H200, not a later architecture."""
+    return device.type == "cuda" and _capability(
+        torch.cuda.current_device() if device.index is None else device.index) == (9, 0)
 
 
 def pdl_ready(device: torch.device) -> bool:
@@ -33,10 +39,10 @@ def pdl_ready(device: torch.device) -> bool:
 
 
 @functools.cache
-def _major(index: int) -> int:
+def _capability(index: int) -> tuple[int, int]:
     # Cached per concrete device (a capability query costs ~10 us of host time); a cache keyed
     # by None would keep the first current device's answer after the current device changed.
-    return torch.cuda.get_device_capability(index)[0]
+    return torch.cuda.get_device_capability(index)
 
 
 def tma_ready(t: torch.Tensor) -> bool:

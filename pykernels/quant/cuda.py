@@ -8,11 +8,10 @@ running at once on different streams of one device would share it: pass each its
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from pykernels import _ops, envs
+from pykernels._backends import wgmma_ready
 from pykernels.quant import tunables
 
 _ops.load()
@@ -52,14 +51,9 @@ def config_for(x2d: torch.Tensor, n: int, scales: torch.Tensor, stages: int | No
         cfg["num_stages"] = stages
     if envs.TRITON_DISABLE_MACA_OPT_MMA_PREFETCH:
         cfg["num_stages"] = 1
-    if cfg.get("wgmma") and not _sm90(x2d.device):
+    if cfg.get("wgmma") and not wgmma_ready(x2d.device):
         cfg["wgmma"] = False  # sm_90a instructions (a config shipped for an H100 / H200)
     return cfg
-
-
-@functools.cache
-def _sm90(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, *,
