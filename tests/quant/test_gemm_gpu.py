@@ -87,8 +87,9 @@ def test_atomic_split_k(monkeypatch, m, group_size, backend):
 
 # The CUDA kernel's wgmma path (config key `wgmma`) at every block_m and both block_n, per
 # channel and per group, bf16 and fp16, a K % 128 == 64 tail, rows past M, split-K and prefetch
-# off: its activations go to shared memory by 4-byte copies in the k order of its A fragments,
-# so a wrong slot or a missed zero-fill shows as an error far above the tolerance.
+# off: its activations go to shared memory as two 128-byte-swizzled K-major halves read by the
+# wgmma descriptor, so a wrong slot or a missed zero-fill shows as an error far above the
+# tolerance, against the reference and against the mma.sync path.
 _WG = [  # (block_n, block_m, dtype, group_size, m, k, splits, num_stages)
     (128, 8, BF16, -1, 1, 4096, 1, 4),
     (64, 16, FP16, 128, 13, 4160, 3, 1),
